@@ -1,0 +1,38 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+# torch/torchvision are installed first and explicitly (a CUDA build that also runs on CPU);
+# deepspeed is then built against that torch (--no-build-isolation) instead of pulling another copy.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint demo compare bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_PKGS)
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m ruff check livt_ds scripts tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -x --durations=15 tests
+
+lint: venv
+	$(PY) -m ruff check livt_ds scripts tests
+
+demo: venv
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
+
+compare: venv
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/compare_losses.sh
+
+bench: venv
+	DS_ACCELERATOR=cpu $(PY) scripts/bench_train.py --device cpu
+
+clean:
+	rm -rf runs

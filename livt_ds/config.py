@@ -1,0 +1,327 @@
+"""Recipes (YAML) as typed, frozen dataclasses, and their merge with a DeepSpeed JSON config.
+
+The recipe owns the experiment (model, data, epochs, base lr, schedule, loss, augmentation); the DeepSpeed
+JSON owns parallelism and the optimizer. Values the trainer derives may be written ``"auto"`` in the JSON;
+an explicit value that contradicts the recipe is an error, never silently overridden.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or DeepSpeed config that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "vit_base"
+    img_size: int = 224
+    patch_size: int = 16
+    init: str = ""  # BFT / eval: an MGP or BFT run folder, a checkpoint folder, or an exported .pt file
+    drop_path: float = 0.1
+    global_pool: str = "avg"  # "avg" (mean of patch tokens + LayerNorm) or "token" (cls token)
+    mask_ratio: float = 0.75
+    norm_pix: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a shard set folder made by scripts/make_shards.py
+    train_split: str = "train"
+    eval_split: str = "val"
+    num_workers: int = 4
+    mean: list[float] | None = None  # None: meta.json's measured mean, else ImageNet's
+    std: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int | None = None  # effective (global) batch; None: micro * accumulation * world from the JSON
+    micro_batch: int | None = None  # fills "auto" micro-batch size in the JSON
+    blr: float = 1e-3
+    lr: float | None = None  # absolute lr; overrides blr * batch_size / 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 5.0
+    layer_decay: float = 1.0  # BFT: 0.75 (BEiT-style layer-wise lr decay); 1.0 disables it
+    steps_per_epoch: int | None = None  # None: num_samples // batch_size
+    stop_after_steps: int | None = None  # stop (with a checkpoint) at this optimizer step; the schedule is unchanged
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "bal_bce"  # ce | bal_ce | bce | bal_bce
+    tau: float = 1.0
+    test_prior: list[float] | None = None  # None: uniform (balanced test set)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    crop_pct: float | None = None  # eval resize = img_size / crop_pct; None: 0.875 up to 224 px, 1.0 above
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1  # evaluate every N epochs (and always at the end); 0: only at the end
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000  # also saved at the end, at stop_after_steps and on SIGTERM
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 20
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------- recipe I/O
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Validate ``value`` against a type hint, returning it coerced (int -> float, list -> list of floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_hint_name(hint)}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {_hint_name(hint)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _hint_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = _field_names(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(f"unknown key '{dotted}'; valid keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(valid)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{dotted}.")
+        else:
+            kwargs[key] = _check_value(dotted, value, hint)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.epochs=2`` -> ("train.epochs", 2); the value is read as YAML (numbers, null, lists, strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe not found (see configs/ for the shipped recipes)")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return _build(Recipe, tree, "")
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    return _build(Recipe, data, "")
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed JSON
+
+AUTO = "auto"
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: DeepSpeed config not found (see ds_configs/)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _explicit(value: Any) -> bool:
+    return value is not None and value != AUTO
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's batch is made: micro * accumulation * world == global."""
+
+    micro: int
+    accumulation: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accumulation * self.world
+
+
+def plan_batch(ds: dict[str, Any], train: TrainConfig, world: int) -> BatchPlan:
+    """Fill the batch triple from the recipe and the JSON, refusing contradictions."""
+    micro = ds.get("train_micro_batch_size_per_gpu", AUTO)
+    accum = ds.get("gradient_accumulation_steps", AUTO)
+    total = ds.get("train_batch_size", AUTO)
+    if not _explicit(micro):
+        micro = train.micro_batch
+        if micro is None:
+            raise ConfigError("train_micro_batch_size_per_gpu is 'auto' in the DeepSpeed config: set train.micro_batch "
+                              "in the recipe or a number in the JSON")
+    elif train.micro_batch is not None and train.micro_batch != micro:
+        raise ConfigError(f"train.micro_batch={train.micro_batch} contradicts train_micro_batch_size_per_gpu={micro} "
+                          "in the DeepSpeed config; set one of them (or 'auto' in the JSON)")
+    batch = train.batch_size
+    if batch is None and _explicit(total):
+        batch = int(total)
+    if _explicit(total) and batch != total:
+        raise ConfigError(f"train.batch_size={batch} contradicts train_batch_size={total} in the DeepSpeed config")
+    if not _explicit(accum):
+        if batch is None:
+            accum = 1
+        else:
+            if batch % (micro * world):
+                raise ConfigError(f"train.batch_size={batch} is not divisible by micro batch {micro} x world size {world}; "
+                                  "choose a batch size that is, or another micro batch")
+            accum = batch // (micro * world)
+    plan = BatchPlan(int(micro), int(accum), world)
+    if batch is not None and plan.global_batch != batch:
+        raise ConfigError(f"train_batch_size {batch} != micro {micro} x gradient_accumulation_steps {accum} x world {world} "
+                          f"= {plan.global_batch}; fix the recipe's train.batch_size or the DeepSpeed config")
+    return plan
+
+
+def base_lr(train: TrainConfig, global_batch: int) -> float:
+    """lr = blr * effective_batch / 256 (the linear scaling rule), unless train.lr is given."""
+    return train.lr if train.lr is not None else train.blr * global_batch / 256
+
+
+def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, world: int) -> dict[str, Any]:
+    """Return a complete DeepSpeed config: "auto" filled from the recipe, contradictions refused."""
+    ds = copy.deepcopy(ds)
+    if "scheduler" in ds:
+        raise ConfigError("the DeepSpeed config has a 'scheduler' block, but the recipe owns the schedule "
+                          "(train.warmup_epochs, train.min_lr): remove it")
+    plan = plan_batch(ds, recipe.train, world)
+    ds["train_micro_batch_size_per_gpu"] = plan.micro
+    ds["gradient_accumulation_steps"] = plan.accumulation
+    ds["train_batch_size"] = plan.global_batch
+    lr = base_lr(recipe.train, plan.global_batch)
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    given = params.get("lr", AUTO)
+    if _explicit(given) and abs(float(given) - lr) > 1e-12 * max(1.0, abs(lr)):
+        raise ConfigError(f"optimizer.params.lr={given} in the DeepSpeed config contradicts the recipe "
+                          f"(train.blr {recipe.train.blr} x batch {plan.global_batch} / 256 = {lr:g}); write \"auto\"")
+    params["lr"] = lr
+    for key, value in list(params.items()):
+        if value == AUTO:
+            raise ConfigError(f"optimizer.params.{key} is 'auto', but the recipe does not derive it: give a value")
+    ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed would silently clip at 1.0
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

@@ -1,0 +1,138 @@
+"""Recipe schema, overrides, and the merge with DeepSpeed JSON configs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from livt_ds.config import (
+    ConfigError,
+    Recipe,
+    load_ds_config,
+    load_recipe,
+    plan_batch,
+    recipe_from_dict,
+    recipe_to_dict,
+    resolve_ds_config,
+    save_recipe,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  name: vit_test\n  img_size: 32\ntrain:\n  epochs: 3\n  blr: 1.0e-3\n")
+    recipe = load_recipe(path, ["train.epochs=7", "loss.tau=0.5", "data.path=shards/x", "loss.test_prior=[0.5, 0.5]"])
+    assert recipe.model.name == "vit_test" and recipe.model.img_size == 32
+    assert recipe.train.epochs == 7 and recipe.train.blr == 1e-3
+    assert recipe.loss.tau == 0.5 and recipe.loss.test_prior == [0.5, 0.5]
+    assert recipe.data.path == "shards/x"
+    assert recipe.model.patch_size == 16  # default kept
+
+
+def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
+    recipe = load_recipe(None, ["train.blr=1", "augment.rand_augment=null", "train.lr=null"])
+    assert isinstance(recipe.train.blr, float) and recipe.augment.rand_augment is None
+
+
+def test_unknown_key_names_key_and_valid_siblings(tmp_path):
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "train.epoch" in message and "epochs" in message and "warmup_epochs" in message
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
+        load_recipe(None, ["modle.name=vit_base"])
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.epochs: expected int"):
+        load_recipe(None, ["train.epochs=abc"])
+    with pytest.raises(ConfigError, match="model.norm_pix"):
+        load_recipe(None, ["model.norm_pix=3"])
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_recipe(write(tmp_path, "model: 3\n"))
+
+
+def test_round_trip_through_yaml(tmp_path):
+    recipe = load_recipe(None, ["train.epochs=5", "loss.name=bce"])
+    save_recipe(recipe, tmp_path / "out.yaml")
+    again = load_recipe(tmp_path / "out.yaml")
+    assert again == recipe
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+    with pytest.raises(Exception):
+        recipe.train.epochs = 3  # frozen
+
+
+def test_all_shipped_recipes_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert isinstance(recipe, Recipe)
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        ds = load_ds_config(path)
+        assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed would clip at 1.0 otherwise
+
+
+def ds(**kw):
+    base = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.05}}}
+    base.update(kw)
+    return base
+
+
+def test_auto_fields_are_filled_from_the_recipe():
+    recipe = load_recipe(None, ["train.batch_size=64", "train.micro_batch=8", "train.blr=1e-3"])
+    out = resolve_ds_config(ds(), recipe, world=2)
+    assert out["train_micro_batch_size_per_gpu"] == 8
+    assert out["gradient_accumulation_steps"] == 4
+    assert out["train_batch_size"] == 64
+    assert out["optimizer"]["params"]["lr"] == pytest.approx(1e-3 * 64 / 256)
+    assert out["gradient_clipping"] == 0.0
+
+
+def test_explicit_json_values_are_used_when_recipe_is_silent():
+    recipe = load_recipe(None, ["train.blr=2.56e-2"])
+    out = resolve_ds_config(ds(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2), recipe, world=2)
+    assert out["train_batch_size"] == 16
+    assert out["optimizer"]["params"]["lr"] == pytest.approx(2.56e-2 * 16 / 256)
+
+
+def test_contradictions_are_errors():
+    recipe = load_recipe(None, ["train.batch_size=64", "train.micro_batch=8"])
+    with pytest.raises(ConfigError, match="contradicts train_micro_batch_size_per_gpu"):
+        resolve_ds_config(ds(train_micro_batch_size_per_gpu=4), recipe, world=2)
+    with pytest.raises(ConfigError, match="contradicts train_batch_size"):
+        resolve_ds_config(ds(train_batch_size=128), recipe, world=2)
+    bad_lr = ds()
+    bad_lr["optimizer"]["params"]["lr"] = 0.1
+    with pytest.raises(ConfigError, match="optimizer.params.lr"):
+        resolve_ds_config(bad_lr, recipe, world=2)
+    with pytest.raises(ConfigError, match="scheduler"):
+        resolve_ds_config(ds(scheduler={"type": "WarmupLR"}), recipe, world=2)
+
+
+def test_batch_triple_is_checked():
+    recipe = load_recipe(None, ["train.batch_size=60", "train.micro_batch=8"])
+    with pytest.raises(ConfigError, match="not divisible"):
+        plan_batch(ds(), recipe.train, world=2)
+    recipe = load_recipe(None, ["train.batch_size=64"])
+    with pytest.raises(ConfigError, match=r"64 != micro 8 x gradient_accumulation_steps 3 x world 2"):
+        plan_batch(ds(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=3), recipe.train, world=2)
+    with pytest.raises(ConfigError, match="set train.micro_batch"):
+        plan_batch(ds(), load_recipe(None).train, world=1)
+
+
+def test_ds_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_ds_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_ds_config(tmp_path / "bad.json")
+    (tmp_path / "ok.json").write_text(json.dumps(ds()))
+    assert load_ds_config(tmp_path / "ok.json")["train_batch_size"] == "auto"

@@ -1,0 +1,206 @@
+"""Checkpoints through the DeepSpeed engine, resume (also onto another world size), and plain-weight export.
+
+Layout: ``RUN/checkpoints/<tag>/`` (engine-written ZeRO shards, tag ``stepNNNNNNNN``), ``RUN/checkpoints/latest``.
+Exports are ``{"model": fp32 state dict, "recipe": dict, "stage": str, "tag": str}`` saved with torch.save.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from livt_ds import dist
+
+TAG_RE = re.compile(r"^step(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"{latest} names '{tag}', but {ckpt_dir / tag} is missing")
+    return tag
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    """Data-parallel world size a ZeRO checkpoint was written with (one optimizer shard per rank)."""
+    shards = glob.glob(str(tag_dir / "*zero_pp_rank_*_optim_states.pt"))
+    if not shards:
+        raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); not a livt/DeepSpeed checkpoint")
+    return len(shards)
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int, keep: set[str] = ()) -> str:
+    """Save on every rank (a collective), then prune old tags on rank 0, never the ones in ``keep``."""
+    tag = step_tag(step)
+    ckpt_dir = checkpoint_dir(run_dir)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    dist.barrier()
+    if dist.is_main() and keep_last > 0:
+        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+        for old in tags[:-keep_last]:
+            if old not in keep and old != tag:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+                shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Convert ``ckpt_dir/tag`` to DeepSpeed's universal format (once, on rank 0); return the new tag."""
+    uni_tag = f"{tag}_universal"
+    if dist.is_main() and not (ckpt_dir / uni_tag).is_dir():
+        tmp = ckpt_dir / f"{uni_tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint for a new world size ...", flush=True)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}")
+        tmp.rename(ckpt_dir / uni_tag)
+    dist.barrier()
+    return uni_tag
+
+
+def find_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
+    """``auto``: the run's ``latest`` if any; ``none``: fresh start; a path: that checkpoint folder or tag folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        ckpt_dir = checkpoint_dir(run_dir)
+        tag = latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+        return (ckpt_dir, tag) if tag else None
+    path = Path(resume)
+    if (path / "latest").is_file():
+        return path, latest_tag(path)
+    if (path / "checkpoints" / "latest").is_file():
+        return path / "checkpoints", latest_tag(path / "checkpoints")
+    if path.is_dir() and glob.glob(str(path / "*model_states.pt")):
+        return path.parent, path.name
+    raise CheckpointError(f"--resume {resume}: neither a run folder, a checkpoint folder with 'latest', nor a tag folder")
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Load model, optimizer and client state; the checkpoint must exist (DeepSpeed only warns otherwise)."""
+    try:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt_dir / tag} does not match the model being trained "
+                              f"(another model size or stage?): {str(exc)[:800]}") from exc
+    if path is None:
+        raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+    return client or {}
+
+
+# ------------------------------------------------------------------------------------------- plain weights
+
+
+def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of a ZeRO-1/2/3 checkpoint, without DeepSpeed engines (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as exc:  # noqa: BLE001 - report which checkpoint failed and why
+        raise CheckpointError(f"{ckpt_dir / tag}: cannot consolidate to fp32 weights: {exc}") from exc
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from an export file, an export folder, a run folder (its export, else its latest checkpoint),
+    a checkpoint folder with ``latest``, or a tag folder."""
+    path = Path(path)
+    if path.is_file():
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        return obj.get("model", obj) if isinstance(obj, dict) else obj
+    for name in ("export/model.pt", "model.pt"):
+        if (path / name).is_file():
+            return load_weights(path / name)
+    found = find_resume(path, str(path)) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"model.init={path}: not found (expected an export .pt, a run folder, or a checkpoint)")
+    return consolidate(*found)
+
+
+def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
+    """Write ``model.pt`` (and ``encoder.pt`` for an MGP run) with consolidated fp32 weights usable without DeepSpeed."""
+    from livt_ds.config import recipe_from_dict
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    output = Path(output) if output else run_dir / "export"
+    ckpt_dir = checkpoint_dir(run_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest'); has the run saved one?")
+    run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
+    recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    state = consolidate(ckpt_dir, tag)
+    payload = {"recipe": dataclass_dict(recipe), "stage": run_info.get("stage"), "tag": tag,
+               "num_classes": run_info.get("num_classes")}
+    output.mkdir(parents=True, exist_ok=True)
+    written = [output / "model.pt"]
+    torch.save({**payload, "model": state}, written[0])
+    if run_info.get("stage") == "pretrain":
+        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        torch.save({**payload, "model": encoder}, output / "encoder.pt")
+        written.append(output / "encoder.pt")
+    return written
+
+
+def dataclass_dict(obj: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def os_environ_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,117 @@
+"""`livt {shard,pretrain,finetune,eval,export}` (also `python -m livt_ds ...`, and under the deepspeed launcher)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def default_ds_config() -> str:
+    import torch
+
+    name = "zero2_bf16.json" if torch.cuda.is_available() else "cpu_fp32.json"
+    return str(REPO_ROOT / "ds_configs" / name)
+
+
+def _run_args(parser: argparse.ArgumentParser, training: bool) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--ds-config", default=None,
+                        help="DeepSpeed JSON (ds_configs/*.json); default zero2_bf16 on GPU, cpu_fp32 on CPU")
+    parser.add_argument("--output", required=True, help="run folder (config, logs, checkpoints, metrics)")
+    if training:
+        parser.add_argument("--resume", default="auto",
+                            help="'auto' (continue from OUTPUT/checkpoints/latest if present), 'none', or a checkpoint path")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2 data.path=shards/x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livt", description="LiVT on DeepSpeed: MGP pretraining and Bal-BCE fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("shard", help="write WebDataset shards + meta.json (see scripts/make_shards.py --help)",
+                   add_help=False)
+    _run_args(sub.add_parser("pretrain", help="MGP: masked generative pretraining"), training=True)
+    _run_args(sub.add_parser("finetune", help="BFT: balanced fine-tuning (model.init = an MGP run or export)"),
+              training=True)
+    _run_args(sub.add_parser("eval", help="evaluate a BFT run or export (model.init) on data.path"), training=False)
+    export = sub.add_parser("export", help="consolidated fp32 weights of a run, loadable without DeepSpeed")
+    export.add_argument("run", help="run folder (holding checkpoints/)")
+    export.add_argument("--output", default=None, help="default RUN/export")
+    export.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    return parser
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher inserts ``--local_rank=N`` before the sub-command; LOCAL_RANK carries the same."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] == ["shard"]:
+        from livt_ds.data.make_shards import main as shard_main
+
+        return shard_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from livt_ds.checkpoint import CheckpointError
+    from livt_ds.config import ConfigError
+    from livt_ds.engine import NonFiniteLossError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as exc:
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from livt_ds.checkpoint import export
+
+        for path in export(args.run, args.output, args.tag):
+            print(f"wrote {path}")
+        return 0
+    from livt_ds import dist
+    from livt_ds.config import load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)  # fail on a bad recipe before any process group starts
+    dist.init_distributed()
+    ds_config = args.ds_config or default_ds_config()
+    if args.command == "eval":
+        from livt_ds.evaluate import run_eval
+
+        metrics = run_eval(recipe, ds_config, args.output)
+        if dist.is_main():
+            shown = {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece", "mce", "num_samples")}
+            print(json.dumps(shown))
+        return 0
+    from livt_ds.engine import Trainer
+
+    stage = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
+    Trainer(stage, recipe, ds_config, args.output, resume=args.resume).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

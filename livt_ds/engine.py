@@ -1,0 +1,349 @@
+"""The one training loop both stages share: DeepSpeed engine, schedule, steps, evaluation, checkpoints, logs.
+
+A task object (tasks.py) supplies the model, the transforms, the loss of a step and the evaluation; nothing here
+branches on the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from livt_ds import checkpoint, dist
+from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
+from livt_ds.data.pipeline import eval_loader, train_loader
+from livt_ds.data.shards import load_meta
+from livt_ds.optim import apply_lr, lr_at, param_groups
+from livt_ds.tasks import EvalResult, build_task, save_images, seed_everything
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stops without writing a checkpoint."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Lengths, all in optimizer steps, derived once from the recipe, the data size and the batch plan."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    accumulation: int
+    global_batch: int
+    base_lr: float
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accumulation
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard + a progress bar, all on rank 0 only."""
+
+    def __init__(self, output: Path, recipe: Recipe, total_steps: int, start_step: int) -> None:
+        self.enabled = dist.is_main()
+        self.writer = None
+        self.bar = None
+        if not self.enabled:
+            return
+        self.jsonl = open(output / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        if recipe.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output / "tensorboard"))
+        if recipe.log.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}{key}", value, step)
+        if self.bar is not None and "loss" in values:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values.get('lr', 0):.2e}")
+
+    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
+        if self.enabled and self.writer is not None:
+            for name, image in images.items():
+                self.writer.add_image(f"eval/{name}", image, step)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(f"[livt] {text}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.jsonl.close()
+
+
+class Trainer:
+    def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, resume: str = "auto"):
+        self.stage = stage
+        self.recipe = recipe
+        self.output = Path(output)
+        self.resume = resume
+        self.ds_config_path = ds_config_path
+        self.stop_requested = False
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _setup(self) -> None:
+        recipe = self.recipe
+        if not recipe.data.path:
+            raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
+        self.meta = load_meta(recipe.data.path)
+        world = dist.world_size()
+        ds_config = resolve_ds_config(load_ds_config(self.ds_config_path), recipe, world)
+        self.task = build_task(self.stage, recipe, self.meta)
+        plan_batch = ds_config["train_batch_size"]
+        accumulation = ds_config["gradient_accumulation_steps"]
+        self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+        num_samples = self.meta["splits"][recipe.data.train_split]["num_samples"]
+        steps_per_epoch = recipe.train.steps_per_epoch or num_samples // plan_batch
+        if steps_per_epoch < 1:
+            raise ConfigError(f"{recipe.data.path}: {num_samples} training samples is less than one batch of "
+                              f"{plan_batch}; lower train.batch_size or set train.steps_per_epoch")
+        total = recipe.train.epochs * steps_per_epoch
+        self.schedule = Schedule(steps_per_epoch, total, round(recipe.train.warmup_epochs * steps_per_epoch),
+                                 accumulation, plan_batch, ds_config["optimizer"]["params"]["lr"])
+        self.resume_from = checkpoint.find_resume(self.output, self.resume)
+        if self.resume_from is not None:
+            ckpt_dir, tag = self.resume_from
+            if checkpoint.saved_world_size(ckpt_dir / tag) != world:
+                self.resume_from = (ckpt_dir, checkpoint.to_universal(ckpt_dir, tag))
+                ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        self.ds_config = ds_config
+        if dist.is_main():
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, self.output / "config.yaml")
+            (self.output / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+            info = {"stage": self.stage, "world_size": world, "num_classes": self.meta.get("num_classes"),
+                    "data": recipe.data.path, "schedule": self.schedule.__dict__}
+            (self.output / "run.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+        dist.barrier()
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        seed_everything(self.recipe.train.seed)  # identical initial weights on every rank
+        model = self.task.build_model()
+        weight_decay = self.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
+        groups = param_groups(model, weight_decay, self.recipe.train.layer_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                                 config=self.ds_config)
+        seed_everything(self.recipe.train.seed * 1000 + dist.rank())  # distinct masks / drop-path per rank
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
+            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+
+    def cast(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.engine.device, dtype=self.dtype, non_blocking=True)
+
+    # ----------------------------------------------------------------------------------------- state
+    def _client_state(self, step: int) -> dict[str, Any]:
+        s = self.schedule
+        return {"step": step, "epoch": step // s.steps_per_epoch,
+                "data_position": {"epoch": step // s.steps_per_epoch,
+                                  "micro_batches_done": (step % s.steps_per_epoch) * s.accumulation},
+                "rng": dist.gather_objects(checkpoint.rng_state()), "world_size": dist.world_size(),
+                "recipe": recipe_to_dict(self.recipe), "stage": self.stage, "best": self.best}
+
+    def _restore(self) -> int:
+        ckpt_dir, tag = self.resume_from
+        client = checkpoint.load(self.engine, ckpt_dir, tag)
+        if client.get("stage") not in (None, self.stage):
+            raise checkpoint.CheckpointError(f"{ckpt_dir / tag} is a '{client['stage']}' checkpoint, "
+                                             f"not '{self.stage}'")
+        step = int(client.get("step", 0))
+        self.best = client.get("best") or self.best
+        rng = client.get("rng") or []
+        if len(rng) == dist.world_size():
+            checkpoint.set_rng_state(rng[dist.rank()])
+        self.logger_msg = f"resumed from {ckpt_dir / tag} at step {step}"
+        return step
+
+    def _save(self, step: int) -> None:
+        if self.nonfinite_step() is not None:
+            return
+        keep = {self.best["tag"]} if self.best.get("tag") else set()
+        checkpoint.save(self.engine, self.output, step, self._client_state(step), self.recipe.checkpoint.keep_last,
+                        keep)
+        self.last_saved = step
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.stop_requested = True
+
+    def nonfinite_step(self) -> int | None:
+        """The first optimizer step whose loss was not finite on any rank (one host sync), or None."""
+        bad = int(self.first_bad.item())
+        bad = bad if bad >= 0 else 10**12
+        worst = dist.gather_objects(bad)
+        first = min(worst)
+        return None if first >= 10**12 else first
+
+    # ----------------------------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Any]:
+        self._setup()
+        self._build_engine()
+        self.best: dict[str, Any] = {}
+        self.last_saved = -1
+        start = self._restore() if self.resume_from else 0
+        s = self.schedule
+        end = s.total_steps if self.recipe.train.stop_after_steps is None else min(
+            s.total_steps, self.recipe.train.stop_after_steps)
+        log = Logger(self.output, self.recipe, s.total_steps, start)
+        if self.resume_from:
+            log.message(self.logger_msg)
+        log.message(f"{self.stage}: {s.total_steps} steps ({self.recipe.train.epochs} epochs x {s.steps_per_epoch}), "
+                    f"batch {s.global_batch} = {self.micro_batch} x {s.accumulation} x {dist.world_size()} ranks, "
+                    f"lr {s.base_lr:.3g}, output {self.output}")
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._loop(start, end, log)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            log.close()
+        return self.best
+
+    def _loop(self, start: int, end: int, log: Logger) -> None:
+        s, recipe = self.schedule, self.recipe
+        device = self.engine.device
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        step = start
+        loss_sum = torch.zeros((), device=device)
+        micro_count, window_start, window_steps = 0, time.time(), 0
+        train_tf = self.task.train_transform()
+        while step < end and not self.stop_requested:
+            epoch = step // s.steps_per_epoch
+            skip = (step % s.steps_per_epoch) * s.accumulation
+            loader = train_loader(recipe.data.path, split=recipe.data.train_split, transform=train_tf,
+                                  batch_size=self.micro_batch, num_workers=recipe.data.num_workers,
+                                  seed=recipe.train.seed, epoch=epoch, rank=dist.rank(),
+                                  world_size=dist.world_size(), num_batches=s.micro_batches_per_epoch,
+                                  skip_batches=skip)
+            self.engine.train()
+            for images, labels in loader:
+                if micro_count % s.accumulation == 0:
+                    apply_lr(self.optimizer, self._lr(step))
+                images, targets = self.task.prepare_batch(images, labels)
+                loss = self.task.loss(self.engine, self.cast(images), targets)
+                self.engine.backward(loss)
+                self.engine.step()
+                detached = loss.detach().float()
+                loss_sum += detached
+                self.first_bad = torch.where(torch.isfinite(detached) | (self.first_bad >= 0), self.first_bad,
+                                             torch.full_like(self.first_bad, step))
+                micro_count += 1
+                if micro_count % s.accumulation:
+                    continue
+                step += 1
+                window_steps += 1
+                log.advance()
+                if step % recipe.log.every_steps == 0 or step == end:
+                    self._check_finite()
+                    self._log_train(step, log, loss_sum / (window_steps * s.accumulation),
+                                    window_steps * s.global_batch / max(time.time() - window_start, 1e-9))
+                    loss_sum.zero_()
+                    window_start, window_steps = time.time(), 0
+                if self._step_end(step, end, log):
+                    break
+        if self.last_saved != step and step > start:
+            self._check_finite()
+            self._save(step)
+
+    def _step_end(self, step: int, end: int, log: Logger) -> bool:
+        """Evaluate / checkpoint / stop after optimizer step ``step``; True when the run must stop."""
+        stop = dist.any_rank(self.stop_requested)
+        every = self.recipe.checkpoint.every_steps
+        evaluated = step % self.schedule.steps_per_epoch == 0 and self._maybe_evaluate(step, log)
+        if stop or step >= end or evaluated or (every and step % every == 0):
+            self._check_finite()
+            self._save(step)
+        if stop:
+            self.stop_requested = True
+            log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
+        return stop or step >= end
+
+    def _lr(self, step: int) -> float:
+        s = self.schedule
+        return lr_at(step, base_lr=s.base_lr, min_lr=self.recipe.train.min_lr, warmup_steps=s.warmup_steps,
+                     total_steps=s.total_steps)
+
+    def _check_finite(self) -> None:
+        bad = self.nonfinite_step()
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the loss became non-finite at optimizer step {bad} (stage {self.stage}); no checkpoint was written "
+                f"after it (last good: {self.last_saved if self.last_saved >= 0 else 'none'}). Lower train.blr, "
+                "check the data, or enable gradient_clipping in the DeepSpeed config.")
+
+    def _log_train(self, step: int, log: Logger, loss: torch.Tensor, images_per_s: float) -> None:
+        values = {"loss": float(dist.all_reduce_mean(loss).item()), "lr": self._lr(step - 1),
+                  "images_per_s": images_per_s, "epoch": step / self.schedule.steps_per_epoch}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            values["grad_norm"] = float(norm)
+        log.scalars(step, values, prefix="")
+
+    def _maybe_evaluate(self, step: int, log: Logger) -> bool:
+        """Evaluate at the end of every ``eval.every``-th epoch and of the last one."""
+        epoch = step // self.schedule.steps_per_epoch
+        every = self.recipe.eval.every
+        if not (step == self.schedule.total_steps or (every and epoch % every == 0)):
+            return False
+        self._check_finite()
+        self._record_eval(step, log, self.evaluate())
+        return True
+
+    def evaluate(self) -> EvalResult:
+        recipe = self.recipe
+        loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=self.task.eval_transform(),
+                             batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
+                             rank=dist.rank(), world_size=dist.world_size())
+        self.engine.eval()
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            result = self.task.evaluate(self.engine, self.engine.module, loader, self.cast)
+        self.engine.train()
+        return result
+
+    def _record_eval(self, step: int, log: Logger, result: EvalResult) -> None:
+        metrics = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
+        log.scalars(step, metrics, prefix="eval/")
+        log.images(step, result.images)
+        key, mode = self.task.best_metric
+        value = result.metrics.get(key)
+        better = value is not None and (not self.best or (
+            value < self.best["value"] if mode == "min" else value > self.best["value"]))
+        if better:
+            self.best = {"metric": key, "value": value, "step": step, "tag": checkpoint.step_tag(step)}
+        if dist.is_main():
+            record = {"step": step, "epoch": step / self.schedule.steps_per_epoch, **result.metrics}
+            (self.output / "metrics.json").write_text(json.dumps(record, indent=2))
+            if better:
+                (self.output / "best_metrics.json").write_text(json.dumps(record, indent=2))
+            save_images(result.images, self.output / "plots", step)
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            log.message(f"eval at step {step}: {summary}")

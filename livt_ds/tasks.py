@@ -1,0 +1,216 @@
+"""What differs between the two LiVT stages: the model, the transform, the loss of a step and the evaluation.
+
+The training loop (engine.py) is shared; it only ever calls the methods of these task objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from livt_ds import dist
+from livt_ds.checkpoint import load_weights
+from livt_ds.config import Recipe
+from livt_ds.data import transforms
+from livt_ds.losses import build_loss
+from livt_ds.metrics import classification_report
+from livt_ds.models.registry import build_classifier, build_mae
+from livt_ds.models.vit import load_encoder_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Forward = Callable[[torch.Tensor], Any]
+
+
+@dataclass
+class EvalResult:
+    """Evaluation metrics (JSON-serialisable) and images to log (name -> [3, H, W] float in [0, 1])."""
+
+    metrics: dict[str, Any]
+    images: dict[str, torch.Tensor]
+
+
+def normalisation(recipe: Recipe, meta: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The recipe's mean/std, else the ones make_shards measured into meta.json, else ImageNet's."""
+    mean = recipe.data.mean or meta.get("mean") or IMAGENET_MEAN
+    std = recipe.data.std or meta.get("std") or IMAGENET_STD
+    return tuple(mean), tuple(std)
+
+
+def padded_eval_batches(loader: Iterable, img_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Yield (images, labels, real) until every rank has run out; a rank that has run out gets a dummy batch
+    (``real`` False) so that all ranks make the same number of forward calls (ZeRO-3 gathers weights in forward)."""
+    iterator = iter(loader)
+    dummy = (torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long))
+    while True:
+        batch = next(iterator, None)
+        if not dist.any_rank(batch is not None):
+            return
+        yield (batch[0], batch[1], True) if batch is not None else (*dummy, False)
+
+
+class PretrainTask:
+    """MGP: masked-autoencoder pretraining, label-free; evaluated by the masked-patch loss on the eval split."""
+
+    stage = "pretrain"
+    best_metric = ("recon_loss", "min")
+
+    def __init__(self, recipe: Recipe, meta: dict) -> None:
+        self.recipe = recipe
+        self.meta = meta
+        self.mean, self.std = normalisation(recipe, meta)
+
+    def build_model(self) -> nn.Module:
+        m = self.recipe.model
+        model = build_mae(m.name, m.img_size, m.patch_size, mask_ratio=m.mask_ratio, norm_pix=m.norm_pix,
+                          decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
+        if m.grad_checkpointing:
+            model.encoder.set_grad_checkpointing(True)
+        return model
+
+    def train_transform(self):
+        return transforms.mgp_transform(self.recipe.model.img_size, self.mean, self.std)
+
+    def eval_transform(self):
+        return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)
+
+    def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, labels
+
+    def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss, _, _ = forward(images)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:
+        """Mean masked-patch loss over the eval split with a fixed masking seed, and a reconstruction grid."""
+        total = torch.zeros(2)
+        grid = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234 + dist.rank())
+            for images, _, real in padded_eval_batches(loader, self.recipe.model.img_size):
+                loss, pred, mask = forward(cast(images))
+                if real:
+                    total += torch.tensor([loss.float().item() * images.shape[0], images.shape[0]])
+                    if grid is None and dist.is_main():
+                        grid = self._reconstructions(model, images, pred, mask)
+        total = dist.all_reduce_mean(total) * dist.world_size()
+        metrics = {"recon_loss": float(total[0] / max(total[1], 1)), "num_samples": int(total[1])}
+        return EvalResult(metrics, {"reconstructions": grid} if grid is not None else {})
+
+    def _reconstructions(self, model: nn.Module, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
+        mae = getattr(model, "module", model)
+        images = images.float().cpu()
+        pred, mask = pred.float().cpu(), mask.float().cpu()
+        if self.recipe.model.norm_pix:  # undo the per-patch normalisation with the true patch statistics
+            target = mae.patchify(images)
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            pred = pred * (var + 1e-6).sqrt() + mean
+        pred_images = mae.unpatchify(pred)
+        mask_images = mae.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
+        from livt_ds import report
+
+        return report.reconstruction_grid(images, pred_images, mask_images, self.mean, self.std)
+
+
+class FinetuneTask:
+    """BFT: encoder + linear head trained with the (balanced) loss from the shards' class prior."""
+
+    stage = "finetune"
+    best_metric = ("top1", "max")
+
+    def __init__(self, recipe: Recipe, meta: dict) -> None:
+        self.recipe = recipe
+        self.meta = meta
+        self.mean, self.std = normalisation(recipe, meta)
+        self.class_counts = list(meta["class_counts"])
+        self.num_classes = int(meta["num_classes"])
+        a, lo = recipe.augment, recipe.loss
+        self.mixup = transforms.build_mixup(self.num_classes, a.mixup, a.cutmix, a.label_smoothing)
+        self.criterion = build_loss(lo.name, self.class_counts, tau=lo.tau, test_prior=lo.test_prior)
+
+    def build_model(self) -> nn.Module:
+        m = self.recipe.model
+        model = build_classifier(m.name, m.img_size, m.patch_size, self.num_classes, drop_path=m.drop_path,
+                                 global_pool=m.global_pool)
+        if m.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.init_report: dict[str, list[str]] | None = None
+        if m.init:
+            self.init_report = load_encoder_weights(model, load_weights(m.init))
+            if dist.is_main():
+                r = self.init_report
+                print(f"[livt] model.init={m.init}: missing {r['missing']}, unexpected {r['unexpected']}, "
+                      f"ignored {len(r['ignored'])} keys (decoder / other head)")
+        return model
+
+    def train_transform(self):
+        a = self.recipe.augment
+        return transforms.bft_transform(self.recipe.model.img_size, self.mean, self.std,
+                                        rand_augment=a.rand_augment, re_prob=a.re_prob)
+
+    def eval_transform(self):
+        return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)
+
+    def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup / cutmix / label smoothing into soft targets [B, C] (int labels [B] when all are off)."""
+        if self.mixup is None:
+            return images, labels
+        return self.mixup(images, labels)
+
+    def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = forward(images)
+        return self.criterion.to(logits.device)(logits, targets.to(logits.device))
+
+    @torch.no_grad()
+    def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:
+        """Top-1, many/medium/few, ECE/MCE and per-class accuracy of the raw logits (the bias is loss-only)."""
+        logits, labels = [], []
+        for images, target, real in padded_eval_batches(loader, self.recipe.model.img_size):
+            out = forward(cast(images))
+            if real:
+                logits.append(out.float().cpu())
+                labels.append(target.cpu())
+        local_logits = torch.cat(logits) if logits else torch.zeros(0, self.num_classes)
+        local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        all_logits, all_labels = dist.gather_tensors(local_logits), dist.gather_tensors(local_labels)
+        metrics = classification_report(all_logits, all_labels, self.class_counts)
+        images = {}
+        if dist.is_main():
+            from livt_ds import report
+
+            images["per_class_accuracy"] = report.per_class_image({"model": metrics["per_class"]}, self.class_counts)
+            images["reliability"] = report.reliability_image({"model": {**metrics["reliability"],
+                                                                         "ece": metrics["ece"]}})
+        return EvalResult(metrics, images)
+
+
+TASKS: dict[str, type] = {"pretrain": PretrainTask, "finetune": FinetuneTask}
+
+
+def build_task(stage: str, recipe: Recipe, meta: dict):
+    if stage not in TASKS:
+        raise ValueError(f"unknown stage '{stage}'; valid: {', '.join(TASKS)}")
+    return TASKS[stage](recipe, meta)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_images(images: dict[str, torch.Tensor], folder: Path, step: int) -> None:
+    from livt_ds import report
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        report.save_png(image, folder / f"{name}_step{step:08d}.png")

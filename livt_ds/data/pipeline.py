@@ -1,0 +1,448 @@
+"""WebDataset streams: a resampled, deterministic, resumable training stream and an exactly-once eval stream.
+
+Training (:func:`train_loader`), per rank ``r`` of ``R`` and DataLoader worker ``w`` of ``W``:
+
+1. *Shard tape*: for epoch ``e`` an endless sequence of shards, one fresh seeded permutation of all shards
+   after another (:func:`shard_tape`). Slot ``(r, w)`` takes every ``R``-th entry from position ``r``
+   (explicit-rank ``split_by_node``), then every ``W``-th of those from ``w`` (``split_by_worker``). Every
+   shard is read about equally often, and since the tape never ends every rank can run the same number of
+   batches whatever the shard count (no hang at the epoch end in ZeRO's step).
+   (``wds.ResampledShards`` draws shards *with* replacement: with about as many shards as slots it leaves
+   ~37 % of the shards unread per epoch, which the tail classes of a long-tailed set feel.)
+2. Tar -> raw samples (bytes, not decoded) -> ``wds.shuffle`` with a seeded buffer -> numbered.
+3. ``wds.batched`` into chunks of ``batch_size`` raw samples. Loader batch ``j`` is chunk ``j // W`` of
+   worker ``j % W`` (DataLoader round-robin), so batch ``j`` is fixed by ``(seed, epoch, rank, j, W)``.
+4. Resume: ``skip_batches=k`` drops the first chunks of each worker *before decoding*; the worker with
+   loader id ``i`` plays logical worker ``(i + k) % W`` so that the first batch after resuming is batch ``k``.
+5. Each sample is decoded and transformed with python/numpy/torch RNGs seeded from
+   ``(seed, epoch, rank, worker, sample number)``, so augmentation is reproducible too (with
+   ``num_workers=0`` the caller's RNG states are restored afterwards). A corrupt sample (undecodable image,
+   missing or bad label) is skipped with a counted warning and its place in the batch is taken by a repeat
+   of a good sample of the same chunk, so batches stay full and resume stays exact even across corrupt
+   samples. An exception raised by the transform is a bug, not bad data: it propagates.
+6. Each worker yields its share of ``num_batches`` (``with_epoch``), the loader exactly
+   ``num_batches - skip_batches`` batches. The stream depends on ``num_workers``: resume with the same value.
+
+Evaluation (:func:`eval_loader`): the shards are cut into units (shard, part ``p`` of ``P``: the samples
+``i`` of that shard with ``i % P == p``), ``P = ceil(R*W / shards)`` so there are at least as many units as
+slots; units go to ranks and workers round-robin. Each sample belongs to exactly one unit, so every sample is
+seen exactly once across all ranks and workers; ranks may get different batch counts (the last batch of each
+worker may be partial).
+
+Counting skipped samples: :func:`skipped_samples` reads a shared-memory counter that DataLoader workers
+started from loaders of this process increment too (shared by fork/spawn/forkserver inheritance); a shard
+that cannot be opened counts as one. Workers also log a warning per skip (``logging``, this module's logger);
+each rank counts its own, so sum across ranks if you report a total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import multiprocessing
+import random
+from collections.abc import Callable, Iterable, Iterator
+from itertools import count, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta, read_tar_samples, shard_paths
+
+logger = logging.getLogger(__name__)
+
+_TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
+_counter = None  # multiprocessing.Value("q"): samples skipped in this process and its loader workers
+
+
+# ---------------------------------------------------------------------------------------------- counting
+def _skip_counter():
+    global _counter
+    if _counter is None:
+        _counter = multiprocessing.Value("q", 0)
+    return _counter
+
+
+def skipped_samples() -> int:
+    """Corrupt samples skipped so far by the loaders built in this process (their workers included)."""
+    return 0 if _counter is None else int(_counter.value)
+
+
+def reset_skipped_samples() -> None:
+    """Set the skipped-sample counter back to 0 (e.g. at the start of an epoch)."""
+    if _counter is not None:
+        with _counter.get_lock():
+            _counter.value = 0
+
+
+class CountedSkip:
+    """A webdataset ``handler``: count the failure, log a warning, continue (``warn_and_continue``, counted)."""
+
+    def __init__(self, counter, where: str):
+        self.counter, self.where = counter, where
+
+    def __call__(self, exn: BaseException) -> bool:
+        with self.counter.get_lock():
+            self.counter.value += 1
+            total = self.counter.value
+        logger.warning("%s: skipped a corrupt sample (%d skipped so far): %s", self.where, total, exn)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (numpy SeedSequence: well mixed, stable across processes and runs)."""
+    state = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
+
+
+def shard_tape(urls: list[str], seed: int, epoch: int) -> Iterator[str]:
+    """Endless shard order of one epoch: a fresh seeded permutation of all ``urls`` per round."""
+    for round_ in count():
+        order = list(urls)
+        random.Random(_mix(_TAPE, seed, epoch, round_)).shuffle(order)
+        yield from order
+
+
+def _take_every(src: Iterable, start: int, step: int) -> Iterator:
+    """Items ``start, start + step, ...``: ``split_by_node``/``split_by_worker`` with explicit indices."""
+    return islice(src, start, None, step)
+
+
+take_every = wds.pipelinefilter(_take_every)
+
+
+def _read_units(src: Iterable, handler: Callable, max_empty: int | None = None) -> Iterator[dict]:
+    """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
+
+    ``max_empty``: raise after that many units in a row gave no sample (an endless tape of broken shards
+    would otherwise spin forever).
+    """
+    empty = 0
+    for unit in src:
+        url, part, parts = (unit, 0, 1) if isinstance(unit, str) else (unit["url"], unit["part"], unit["parts"])
+        n = 0
+        for i, sample in enumerate(read_tar_samples(url, handler=handler)):
+            if i % parts == part:
+                n += 1
+                yield sample
+        empty = 0 if n else empty + 1
+        if max_empty is not None and empty >= max_empty:
+            raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}); check the set with --verify")
+
+
+read_units = wds.pipelinefilter(_read_units)
+
+
+def _number(src: Iterable[dict]) -> Iterator[dict]:
+    """Attach ``__index__``: the sample's position in this worker's shuffled stream (seeds its augmentation)."""
+    for i, sample in enumerate(src):
+        sample["__index__"] = i
+        yield sample
+
+
+number = wds.pipelinefilter(_number)
+
+
+def _drop(src: Iterable, n: int) -> Iterator:
+    return islice(src, n, None)
+
+
+drop = wds.pipelinefilter(_drop)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """Seed python ``random``, numpy's global RNG and torch's CPU generator; restore all three afterwards.
+
+    Only the CPU generator is touched (``torch.manual_seed`` would also reseed CUDA in the trainer's process).
+    ``restore=False`` skips the ~0.1 ms save/restore where nobody else uses the RNGs (DataLoader workers).
+    """
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if states is not None:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def _load(sample: dict, num_classes: int) -> tuple:
+    label = decode_label(sample, num_classes)
+    return decode_image(sample[image_key(sample)]), label
+
+
+class _TrainBatch:
+    """Chunk of raw samples -> ``(images [B,3,H,W] float32, labels [B] int64)``, corrupt ones replaced."""
+
+    def __init__(self, transform: Callable, num_classes: int, seed_key: tuple[int, ...], handler: CountedSkip):
+        self.transform, self.num_classes, self.seed_key, self.handler = transform, num_classes, seed_key, handler
+
+    def __call__(self, chunk: list[dict]) -> tuple[Tensor, Tensor]:
+        images, labels, errors = [], [], []
+        in_process = get_worker_info() is None  # the trainer's own RNG states must survive the transform
+        for sample in chunk:
+            try:
+                img, label = _load(sample, self.num_classes)
+            except Exception as exn:  # a corrupt sample is skipped (counted), never a crash
+                errors.append(exn)
+                self.handler(ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {exn!r}"))
+                continue
+            # Transform errors are bugs, not bad data: they propagate.
+            with seeded_rngs(_mix(_SAMPLE, *self.seed_key, sample["__index__"]), restore=in_process):
+                images.append(self.transform(img))
+            labels.append(label)
+        if not images:
+            raise RuntimeError(
+                f"all {len(chunk)} samples of a batch are corrupt (first: {errors[0]!r}); "
+                "check the shard set with scripts/make_shards.py --verify"
+            )
+        good = len(images)
+        for i in range(len(chunk) - good):  # repeats keep the batch full and the raw-sample accounting exact
+            images.append(images[i % good])
+            labels.append(labels[i % good])
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _decode_eval(sample: dict, num_classes: int) -> tuple:
+    """Raw sample -> ``(PIL image, label, key)``; raises on corrupt data (the stage's handler counts it)."""
+    img, label = _load(sample, num_classes)
+    return img, label, sample["__key__"]
+
+
+class _EvalTransform:
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, item: tuple) -> tuple[Tensor, int, str]:
+        img, label, key = item
+        return self.transform(img), label, key
+
+
+def _collate_eval(samples: list[tuple[Tensor, int, str]]) -> tuple[Tensor, Tensor, list[str]]:
+    images, labels, keys = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+
+
+def _worker_slot() -> tuple[int, int]:
+    """``(worker id, number of workers)`` of the current DataLoader worker; ``(0, 1)`` in-process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# ---------------------------------------------------------------------------------------------- streams
+class TrainStream(IterableDataset):
+    """The training stream of one rank for one epoch (see the module docstring); yields whole batches."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        num_classes: int,
+        transform: Callable,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        num_batches: int,
+        skip_batches: int = 0,
+        shuffle_buffer: int = 1000,
+        counter=None,
+    ):
+        super().__init__()
+        self.urls, self.num_classes, self.transform = list(urls), num_classes, transform
+        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.num_batches, self.skip_batches, self.shuffle_buffer = num_batches, skip_batches, shuffle_buffer
+        self.counter = counter if counter is not None else _skip_counter()
+
+    def __len__(self) -> int:
+        return self.num_batches - self.skip_batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        worker, num_workers = _worker_slot()
+        # Loader batch t comes from loader worker t % W; it must be global batch skip_batches + t.
+        return self.worker_batches((worker + self.skip_batches) % num_workers, num_workers)
+
+    def worker_batches(self, worker: int, num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of logical worker ``worker``: global batches ``worker, worker + W, ...`` not yet skipped."""
+        skip = len(range(worker, self.skip_batches, num_workers))
+        total = len(range(worker, self.num_batches, num_workers))
+        if total <= skip:
+            return iter(())
+        handler = CountedSkip(self.counter, f"train rank {self.rank} worker {worker}")
+        shuffle_rng = random.Random(_mix(_SHUFFLE, self.seed, self.epoch, self.rank, worker))
+        pipeline = wds.DataPipeline(
+            functools.partial(shard_tape, self.urls, self.seed, self.epoch),
+            take_every(self.rank, self.world_size),
+            take_every(worker, num_workers),
+            read_units(handler=handler, max_empty=2 * len(self.urls) + 2),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
+            number(),
+            wds.batched(self.batch_size, collation_fn=None, partial=False),
+            drop(skip),  # cheap: raw bytes, nothing decoded yet
+            wds.map(_TrainBatch(self.transform, self.num_classes, (self.seed, self.epoch, self.rank, worker), handler)),
+        )
+        return iter(pipeline.with_epoch(nbatches=total - skip))
+
+
+def eval_units(urls: list[str], slots: int) -> list[dict]:
+    """Split shards into ``{"url", "part", "parts"}`` units, at least ``slots`` of them, every sample in one."""
+    parts = max(1, math.ceil(slots / max(1, len(urls))))
+    return [{"url": u, "part": p, "parts": parts} for u in urls for p in range(parts)]
+
+
+class EvalStream(IterableDataset):
+    """The evaluation stream of one rank: its units, every sample once, batches of ``(images, labels[, keys])``."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        shard_sizes: list[int],
+        *,
+        num_classes: int,
+        transform: Callable,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        return_keys: bool = False,
+        counter=None,
+    ):
+        super().__init__()
+        self.urls, self.shard_sizes = list(urls), list(shard_sizes)
+        self.num_classes, self.transform = num_classes, transform
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.return_keys = max(1, num_workers), return_keys
+        self.counter = counter if counter is not None else _skip_counter()
+
+    def _worker_units(self, worker: int, num_workers: int) -> list[dict]:
+        units = eval_units(self.urls, self.world_size * num_workers)
+        return units[self.rank :: self.world_size][worker::num_workers]
+
+    def __len__(self) -> int:
+        """Batches this rank yields: exact unless corrupt samples are dropped (then an upper bound)."""
+        sizes = dict(zip(self.urls, self.shard_sizes))
+        total = 0
+        for w in range(self.num_workers):
+            n = sum(len(range(u["part"], sizes[u["url"]], u["parts"])) for u in self._worker_units(w, self.num_workers))
+            total += math.ceil(n / self.batch_size)
+        return total
+
+    def __iter__(self) -> Iterator[tuple]:
+        return self.worker_batches(*_worker_slot())
+
+    def worker_batches(self, worker: int, num_workers: int) -> Iterator[tuple]:
+        """Batches of DataLoader worker ``worker`` of ``num_workers`` on this rank (the last may be partial)."""
+        handler = CountedSkip(self.counter, f"eval rank {self.rank} worker {worker}")
+        pipeline = wds.DataPipeline(
+            functools.partial(iter, self._worker_units(worker, num_workers)),
+            read_units(handler=handler),
+            wds.map(functools.partial(_decode_eval, num_classes=self.num_classes), handler=handler),
+            wds.map(_EvalTransform(self.transform)),  # transform errors are bugs: they propagate
+            wds.batched(self.batch_size, collation_fn=_collate_eval, partial=True),
+        )
+        for images, labels, keys in pipeline:
+            yield (images, labels, keys) if self.return_keys else (images, labels)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+def _check_rank(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    if num_workers < 0:
+        raise ValueError(f"num_workers {num_workers}: must be >= 0")
+
+
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    # A private generator: the loader's base-seed draw must not advance the trainer's global torch RNG
+    # (a resumed run would otherwise diverge). The stream seeds itself; the base seed is unused.
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def train_loader(
+    shard_dir: str | Path,
+    *,
+    split: str = "train",
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    num_batches: int,
+    skip_batches: int = 0,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Training batches ``(images [B,3,H,W] float32, labels [B] int64)`` of ``rank`` for ``epoch``.
+
+    Yields exactly ``num_batches - skip_batches`` full batches: what the uninterrupted stream yields after
+    its first ``skip_batches``. Deterministic for ``(seed, epoch, rank, world_size, num_workers)``.
+    ``shuffle_buffer``: raw (undecoded) samples held per worker for shuffling.
+    """
+    _check_rank(rank, world_size, batch_size, num_workers)
+    if num_batches < 1 or not 0 <= skip_batches <= num_batches:
+        raise ValueError(f"num_batches {num_batches}, skip_batches {skip_batches}: need 0 <= skip <= num_batches >= 1")
+    meta = load_meta(shard_dir)
+    stream = TrainStream(
+        shard_paths(shard_dir, split), num_classes=meta["num_classes"], transform=transform,
+        batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+        num_batches=num_batches, skip_batches=skip_batches, shuffle_buffer=max(1, shuffle_buffer),
+    )  # fmt: skip
+    return _loader(stream, num_workers, pin_memory)
+
+
+def eval_loader(
+    shard_dir: str | Path,
+    *,
+    split: str = "val",
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+    return_keys: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Evaluation batches ``(images [B,3,H,W], labels [B] int64)`` (``+ keys`` with ``return_keys``).
+
+    Across all ranks and workers every sample of ``split`` comes exactly once; ``len()`` is this rank's
+    batch count (ranks differ: pad with dummy steps before collective calls).
+    """
+    _check_rank(rank, world_size, batch_size, num_workers)
+    meta = load_meta(shard_dir)
+    stream = EvalStream(
+        shard_paths(shard_dir, split), meta["splits"][split]["shard_sizes"], num_classes=meta["num_classes"],
+        transform=transform, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+        return_keys=return_keys,
+    )  # fmt: skip
+    return _loader(stream, num_workers, pin_memory)
+
+
+def batches_per_epoch(shard_dir: str | Path, *, batch_size: int, world_size: int, split: str = "train") -> int:
+    """``num_batches`` for :func:`train_loader`: one pass over the split's samples, ``>= 1``."""
+    meta = load_meta(shard_dir)
+    return max(1, meta["splits"][split]["num_samples"] // (batch_size * world_size))

@@ -1,0 +1,374 @@
+"""Shard sets on disk: ``NAME/{train,val}-NNNNNN.tar`` (WebDataset) plus ``NAME/meta.json``.
+
+A sample is ``KEY.jpg`` or ``KEY.png`` (the encoded image), ``KEY.cls`` (the label as decimal text) and
+``KEY.json`` (``{"src": where it came from, ...}``); keys look like ``train_00000042`` (no dots: WebDataset
+splits the extension at the first dot). ``meta.json`` is the contract the rest of the project reads; see
+``shards/README.md`` for every key.
+
+Writing is atomic: :class:`ShardSetWriter` fills ``NAME.partial-<host>-<pid>/`` and renames it to ``NAME`` only
+after ``meta.json`` is written, so an interrupted run never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+META_KEYS = ("format_version", "name", "num_classes", "classes", "class_counts", "splits", "mean", "std")
+_MAKE_HINT = "run scripts/make_shards.py --source {{imagefolder,list,inat,cifar,demo}} --input PATH --output {dir}"
+
+
+class ShardSetError(RuntimeError):
+    """A shard set folder is missing, incomplete or belongs to another data set; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def load_meta(shard_dir: str | Path) -> dict:
+    """``shard_dir/meta.json`` as a dict; a clear FileNotFoundError/ShardSetError when it is absent or wrong."""
+    shard_dir = Path(shard_dir)
+    path = shard_dir / META_NAME
+    if not path.is_file():
+        partial = sorted(p.name for p in shard_dir.parent.glob(f"{shard_dir.name}.partial-*"))
+        note = f" (an interrupted run left {partial[0]}; re-run it)" if partial else ""
+        raise FileNotFoundError(f"{path}: missing{note}; {_MAKE_HINT.format(dir=shard_dir)}")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    absent = [k for k in META_KEYS if k not in meta]
+    if absent:
+        hint = _MAKE_HINT.format(dir=shard_dir)
+        raise ShardSetError(f"{path}: keys {absent} missing; not a livt-ds shard set, {hint}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise ShardSetError(
+            f"{path}: format_version {meta['format_version']} is newer than this livt-ds ({FORMAT_VERSION}); update it"
+        )
+    return meta
+
+
+def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
+    """Full paths of the tar files of ``split``, in meta.json order; an error naming the splits that exist."""
+    meta = load_meta(shard_dir)
+    if split not in meta["splits"]:
+        raise ShardSetError(f"{Path(shard_dir) / META_NAME}: no split {split!r}; it has {sorted(meta['splits'])}")
+    return [str(Path(shard_dir) / name) for name in meta["splits"][split]["shards"]]
+
+
+def image_key(sample: dict) -> str:
+    """The sample's image field (``jpg``/``jpeg``/``png``/``webp``); KeyError naming the sample otherwise."""
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return key
+    raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: no image ({'/'.join(IMAGE_KEYS)})")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decode encoded image bytes to an RGB PIL image (raises on corrupt or truncated data)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_label(sample: dict, num_classes: int | None = None) -> int:
+    """The integer label of a raw sample's ``cls`` field; ValueError when absent or out of range."""
+    if "cls" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: no .cls label")
+    label = int(bytes(sample["cls"]).decode().strip())
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"sample {sample.get('__key__')}: label {label} out of range 0..{num_classes - 1}")
+    return label
+
+
+def read_tar_samples(url: str, handler=wds.reraise_exception) -> Iterator[dict]:
+    """Raw samples (``{"__key__", "jpg", "cls", ...}`` with undecoded bytes) of one tar file, in order."""
+    return wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def parse_shard_size(text: str | int) -> tuple[int, float]:
+    """``"1000"`` -> (1000 samples, no byte limit); ``"256MB"`` -> (no count limit, 256e6 bytes)."""
+    value = str(text).strip()
+    if value.isdigit():
+        if int(value) < 1:
+            raise ValueError(f"--shard-size {text}: must be at least 1 sample")
+        return int(value), 3e9
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?)", value, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--shard-size {text!r}: give samples per shard (1000) or a size (256MB, 1GB, 512KiB)")
+    unit = match.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    size = float(match.group(1)) * base ** ("KMGT".index(unit[0]) + 1)
+    if size < 1024:
+        raise ValueError(f"--shard-size {text}: too small")
+    return 10**12, size
+
+
+@dataclass
+class SplitStats:
+    """What one split's writer saw: shard names, samples per shard, labels."""
+
+    shards: list[str] = field(default_factory=list)
+    shard_sizes: list[int] = field(default_factory=list)
+    labels: Counter = field(default_factory=Counter)
+
+
+class ShardSetWriter:
+    """Writes the splits of a shard set into ``NAME.partial-<host>-<pid>/`` and publishes it atomically.
+
+    Use as a context manager: on an exception the partial folder is removed; :meth:`commit` writes
+    meta.json last and renames the folder to ``NAME`` (replacing an older copy only with ``overwrite``).
+    """
+
+    def __init__(self, output: str | Path, *, maxcount: int, maxsize: float, overwrite: bool = False):
+        self.output = Path(output)
+        self.partial = self.output.parent / f"{self.output.name}.partial-{_host()}-{os.getpid()}"
+        self.maxcount, self.maxsize, self.overwrite = maxcount, maxsize, overwrite
+        self.stats: dict[str, SplitStats] = {}
+        self._writer: wds.ShardWriter | None = None
+        self._split: str | None = None
+
+    def __enter__(self) -> ShardSetWriter:
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._close_split()
+        if self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+    def start_split(self, split: str) -> None:
+        """Open ``split-000000.tar``; later shards follow when the count or size limit is reached."""
+        self._close_split()
+        self._split = split
+        self.stats[split] = SplitStats()
+        pattern = str(self.partial / f"{split}-%06d.tar")
+        # mtime fixed: the same input gives byte-identical shards.
+        self._writer = wds.ShardWriter(pattern, maxcount=self.maxcount, maxsize=self.maxsize, verbose=0, mtime=0.0)
+
+    def write(self, key: str, image: bytes, ext: str, label: int, info: dict[str, Any]) -> None:
+        """Add one sample: raw encoded ``image`` bytes as ``KEY.ext``, ``KEY.cls``, ``KEY.json``."""
+        assert self._writer is not None and self._split is not None, "start_split() first"
+        if "." in key:
+            raise ValueError(f"sample key {key!r}: must not contain dots (WebDataset splits the extension there)")
+        sample = {"__key__": key, ext: image, "cls": str(label).encode(), "json": json.dumps(info).encode()}
+        self._writer.write(sample)
+        stats = self.stats[self._split]
+        name = Path(self._writer.fname).name
+        if not stats.shards or stats.shards[-1] != name:
+            stats.shards.append(name)
+            stats.shard_sizes.append(0)
+        stats.shard_sizes[-1] += 1
+        stats.labels[label] += 1
+
+    def _close_split(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            stats = self.stats[self._split]
+            # ShardWriter opens its first tar eagerly: drop it when the split got no sample at all.
+            if not stats.shards:
+                for tar in self.partial.glob(f"{self._split}-*.tar"):
+                    tar.unlink()
+
+    def commit(self, meta: dict) -> Path:
+        """Write meta.json (last) and move the finished folder to ``output``; returns ``output``."""
+        self._close_split()
+        with open(self.partial / META_NAME, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+        old = None
+        if self.output.exists():
+            if not self.overwrite and _visible_entries(self.output):
+                raise ShardSetError(f"{self.output}: appeared while writing; pass --overwrite to replace it")
+            old = self.output.parent / f"{self.output.name}.old-{os.getpid()}"
+            os.rename(self.output, old)
+        os.rename(self.partial, self.output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.output
+
+
+def check_output(output: str | Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to write over another data set; writing over the same one needs ``overwrite``.
+
+    ``identity`` (``{"source": kind, "input": path}``) is compared with the ``source`` / ``source_args.input``
+    of the meta.json already there (other options may change in a rebuild). Stale ``NAME.partial-<host>-<pid>``
+    folders of dead runs on this host are removed.
+    """
+    output = Path(output)
+    _remove_stale_partials(output)
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ShardSetError(f"--output {output}: exists and is not a folder; choose another --output")
+    entries = _visible_entries(output)
+    if not entries:
+        return
+    meta_path = output / META_NAME
+    if not meta_path.is_file():
+        raise ShardSetError(
+            f"--output {output}: holds {len(entries)} files but no meta.json, so it is not a shard set; "
+            "choose another --output or empty that folder"
+        )
+    with open(meta_path, encoding="utf-8") as f:
+        old = json.load(f)
+    old_identity = {"source": old.get("source"), "input": (old.get("source_args") or {}).get("input")}
+    if old_identity != identity:
+        raise ShardSetError(
+            f"--output {output}: holds another data set (source {old_identity['source']}, input "
+            f"{old_identity['input']}); choose another --output, or delete that folder if you mean to replace it"
+        )
+    if not overwrite:
+        raise ShardSetError(
+            f"--output {output}: already holds this data set (made {old.get('created', '?')}); "
+            "pass --overwrite to rebuild it, or --verify it"
+        )
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _remove_stale_partials(output: Path) -> None:
+    """Remove ``NAME.partial-<host>-<pid>`` folders left by dead runs on this host (others may be alive)."""
+    if not output.parent.is_dir():
+        return
+    prefix = f"{output.name}.partial-{_host()}-"
+    for partial in output.parent.glob(f"{output.name}.partial-*"):
+        pid = partial.name[len(prefix) :]
+        if partial.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- verifying
+@dataclass
+class ShardCheck:
+    """What re-reading one tar file found."""
+
+    path: str
+    num_samples: int = 0
+    labels: Counter = field(default_factory=Counter)
+    keys: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def check_shard(path: str, num_classes: int) -> ShardCheck:
+    """Re-read one tar: every sample must have a label in range and a fully decodable image."""
+    result = ShardCheck(path)
+    if not os.path.isfile(path):
+        result.problems.append(f"{path}: listed in meta.json but missing")
+        return result
+    try:
+        for sample in read_tar_samples(path):
+            result.num_samples += 1
+            result.keys.append(sample["__key__"])
+            try:
+                result.labels[decode_label(sample, num_classes)] += 1
+                decode_image(sample[image_key(sample)])
+            except Exception as exn:  # any failure of a sample is a finding, not a crash
+                result.problems.append(f"{path}: sample {sample['__key__']}: {exn}")
+    except Exception as exn:  # an unreadable tar is a finding
+        result.problems.append(f"{path}: unreadable after {result.num_samples} samples: {exn}")
+    return result
+
+
+def _check_shard_star(args: tuple[str, int]) -> ShardCheck:
+    return check_shard(*args)
+
+
+def verify_shards(shard_dir: str | Path, *, workers: int = 1, progress: bool = True) -> tuple[bool, list[str]]:
+    """Re-read a shard set and compare it with its meta.json: per-shard and per-class counts, decodability.
+
+    Returns ``(ok, report lines)``; the lines start with a summary and list every problem found.
+    """
+    from multiprocessing import Pool
+
+    from tqdm import tqdm
+
+    shard_dir = Path(shard_dir)
+    meta = load_meta(shard_dir)
+    problems: list[str] = []
+    summary: list[str] = []
+    jobs = [(str(shard_dir / name), meta["num_classes"]) for s in meta["splits"].values() for name in s["shards"]]
+    bar = tqdm(total=len(jobs), desc="verify", unit="shard", disable=not progress)
+    if workers > 1:
+        with Pool(workers) as pool:
+            results = _collect(pool.imap(_check_shard_star, jobs), bar)
+    else:
+        results = _collect(map(_check_shard_star, jobs), bar)
+    bar.close()
+    by_path = {r.path: r for r in results}
+    for split, info in meta["splits"].items():
+        checks = [by_path[str(shard_dir / name)] for name in info["shards"]]
+        problems += _compare_split(split, info, checks, meta["num_classes"])
+        summary.append(f"  {split}: {sum(c.num_samples for c in checks)} samples in {len(checks)} shards")
+    if "train" in meta["splits"] and meta["class_counts"] != meta["splits"]["train"]["class_counts"]:
+        problems.append("meta.json: class_counts differs from splits.train.class_counts")
+    listed = {name for s in meta["splits"].values() for name in s["shards"]}
+    extra = sorted(p.name for p in shard_dir.glob("*.tar") if p.name not in listed)
+    if extra:
+        problems.append(f"{shard_dir}: tar files not listed in meta.json: {extra[:5]}")
+    status = "OK" if not problems else f"FAILED ({len(problems)} problems)"
+    head = f"{shard_dir}: {status}; {meta['num_classes']} classes"
+    return not problems, [head, *summary, *(f"  problem: {p}" for p in problems)]
+
+
+def _collect(results, bar) -> list[ShardCheck]:
+    out = []
+    for r in results:
+        out.append(r)
+        bar.update(1)
+    return out
+
+
+def _compare_split(split: str, info: dict, checks: list[ShardCheck], num_classes: int) -> list[str]:
+    problems = [p for c in checks for p in c.problems]
+    for check, expected in zip(checks, info["shard_sizes"]):
+        if check.num_samples != expected:
+            problems.append(f"{check.path}: {check.num_samples} samples, meta.json says {expected}")
+    total = sum(c.num_samples for c in checks)
+    if total != info["num_samples"]:
+        problems.append(f"{split}: {total} samples, meta.json says {info['num_samples']}")
+    labels = sum((c.labels for c in checks), Counter())
+    counts = [labels.get(i, 0) for i in range(num_classes)]
+    if counts != info["class_counts"]:
+        diff = [i for i in range(num_classes) if counts[i] != info["class_counts"][i]]
+        problems.append(
+            f"{split}: class counts differ from meta.json for classes {diff[:10]} "
+            f"(found {[counts[i] for i in diff[:10]]}, expected {[info['class_counts'][i] for i in diff[:10]]})"
+        )
+    keys = Counter(k for c in checks for k in c.keys)
+    dupes = [k for k, n in keys.items() if n > 1]
+    if dupes:
+        problems.append(f"{split}: duplicate keys {dupes[:5]}")
+    return problems

@@ -1,0 +1,126 @@
+"""Image transforms of the two LiVT stages and evaluation, plus Mixup/CutMix, all from timm/torchvision.
+
+Every transform maps an RGB PIL image to a normalised ``[3, img_size, img_size]`` float32 tensor. ``mean``
+and ``std`` (0-1 scale, per channel) come from the recipe or from the shard set's meta.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from PIL import Image, ImageOps
+from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_aa
+from torchvision import transforms as T
+
+MGP_SCALE = (0.2, 1.0)  # RandomResizedCrop area range of masked generative pretraining (MAE recipe)
+DEFAULT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+
+
+def _check(img_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if img_size < 1:
+        raise ValueError(f"img_size {img_size}: must be positive")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean {list(mean)} / std {list(std)}: need 3 values each, std > 0")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def mgp_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """MGP: RandomResizedCrop (scale 0.2-1, bicubic) + horizontal flip + normalise, nothing else."""
+    mean, std = _check(img_size, mean, std)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=MGP_SCALE, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def bft_transform(
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    rand_augment: str | None = DEFAULT_RAND_AUGMENT,
+    re_prob: float = 0.25,
+) -> Callable:
+    """BFT: timm's training transform (RandomResizedCrop, flip, RandAugment, random erasing in pixel mode).
+
+    No colour jitter (as in the MAE/LiVT fine-tuning recipe); ``rand_augment=None`` turns RandAugment off.
+    """
+    mean, std = _check(img_size, mean, std)
+    transform = create_transform(
+        input_size=img_size,
+        is_training=True,
+        color_jitter=None,
+        auto_augment=rand_augment,
+        interpolation="bicubic",
+        re_prob=re_prob,
+        re_mode="pixel",
+        re_count=1,
+        mean=mean,
+        std=std,
+    )
+    _patch_posterize(transform)
+    return transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize with the Pillow < 13 meaning of 0 bits (a black image) instead of Pillow 13's ValueError.
+
+    ``inc1`` RandAugment maps magnitude 10 (reached by ``m9-mstd0.5`` about 2 % of the time) to 0 bits.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform: Callable) -> None:
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, timm_aa.RandAugment):
+            for op in t.ops:
+                if op.aug_fn is timm_aa.posterize:
+                    op.aug_fn = _posterize
+
+
+def default_crop_pct(img_size: int) -> float:
+    """0.875 up to 224 px (resize to img_size/0.875 then center-crop), 1.0 above (LiVT/MAE evaluation)."""
+    return 0.875 if img_size <= 224 else 1.0
+
+
+def eval_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float | None = None
+) -> Callable:
+    """Evaluation: resize the shorter side to ``img_size / crop_pct`` (bicubic), center crop, normalise."""
+    mean, std = _check(img_size, mean, std)
+    crop_pct = default_crop_pct(img_size) if crop_pct is None else crop_pct
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct {crop_pct}: must be in (0, 1]")
+    return create_transform(
+        input_size=img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std
+    )
+
+
+def build_mixup(num_classes: int, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float) -> Mixup | None:
+    """timm Mixup/CutMix producing soft targets ``[B, num_classes]``; None when all three are 0.
+
+    With label smoothing only, the returned object mixes nothing and just smooths the one-hot targets.
+    The batch size must be even (timm's requirement).
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= label_smoothing < 1:
+        raise ValueError(f"mixup {mixup_alpha}, cutmix {cutmix_alpha}: >= 0; label_smoothing {label_smoothing}: [0, 1)")
+    if mixup_alpha == 0 and cutmix_alpha == 0 and label_smoothing == 0:
+        return None
+    mixup = Mixup(
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        mixup.mixup_enabled = False  # timm asserts one alpha > 0 when mixing; lam stays 1, targets smoothed
+    return mixup

@@ -1,0 +1,144 @@
+"""Input-pipeline throughput: the WebDataset training stream against torchvision ImageFolder + DataLoader.
+
+Both read the same JPEG images and apply the same transform (MGP: RandomResizedCrop + flip; BFT: timm's
+RandAugment + random erasing) at ``--img-size`` with ``--workers`` DataLoader workers, in the same run.
+Without ``--input`` it first generates an image folder (``--num-images`` JPEGs of about 400x350 with
+natural-image-like content) and shards it. Prints one JSON object.
+
+    python scripts/bench_data.py --workers 2 --batches 40
+    python scripts/bench_data.py --input /data/imagenet_lt_folder --workers 16 --batches 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from livt_ds.data.make_shards import write_shards
+from livt_ds.data.pipeline import train_loader
+from livt_ds.data.sources import read_imagefolder
+from livt_ds.data.transforms import bft_transform, mgp_transform
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def natural_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour fields at several scales + a few soft blobs + sensor noise: JPEG-compresses like a photo."""
+    img = np.zeros((height, width, 3), np.float32)
+    for cells, weight in ((3, 0.5), (12, 0.25), (48, 0.12)):
+        grid = rng.random((cells, cells, 3)).astype(np.float32)
+        small = Image.fromarray((grid * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+        img += weight * np.asarray(small, np.float32) / 255
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(rng.integers(2, 6)):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(15, 90)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+        img = img * (1 - 0.6 * blob) + 0.6 * blob * rng.random(3)
+    img += rng.normal(0, 0.03, img.shape)
+    return Image.fromarray((np.clip(img / img.max(), 0, 1) * 255).astype(np.uint8))
+
+
+def make_folder(root: Path, num_images: int, num_classes: int = 10, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(num_images):
+        folder = root / "train" / f"class{i % num_classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = int(rng.integers(360, 441)), int(rng.integers(310, 391))
+        natural_like(rng, w, h).save(folder / f"img{i:05d}.jpg", quality=90)
+    return root
+
+
+def timed(batches, warmup: int, count: int) -> dict:
+    """Images/s over ``count`` batches after ``warmup`` ones (worker start-up excluded), and with it."""
+    start = time.perf_counter()
+    images, t0 = 0, None
+    for i, (x, _) in enumerate(batches):
+        if i == warmup:
+            t0, images = time.perf_counter(), 0
+        images += x.shape[0]
+        if i + 1 == warmup + count:
+            break
+    end = time.perf_counter()
+    with_startup = (warmup + count) * x.shape[0] / (end - start)
+    return {"img_s": round(images / (end - t0), 1), "img_s_incl_startup": round(with_startup, 1)}
+
+
+def imagefolder_batches(root: Path, transform, batch_size: int, workers: int):
+    """Endless torchvision ImageFolder + DataLoader batches (a new shuffled epoch when one ends)."""
+    dataset = ImageFolder(str(root / "train"), transform=transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0)  # fmt: skip
+    while True:
+        yield from loader
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", help="image folder ROOT/train/CLASS/*.jpg (generated when absent)")
+    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating measurements per pipeline (best is kept)")
+    p.add_argument("--max-side", type=int, help="also pass --max-side to make_shards (pre-resized shards)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        root = Path(args.input) if args.input else make_folder(Path(tmp) / "raw", args.num_images)
+        shards = Path(tmp) / "shards"
+        t = time.perf_counter()
+        meta = write_shards(read_imagefolder(root), shards, workers=max(1, args.workers), progress=False,
+                            max_side=args.max_side, stats_samples=200)  # fmt: skip
+        shard_s = time.perf_counter() - t
+        results = {}
+        transforms = {"mgp": mgp_transform(args.img_size, MEAN, STD), "bft": bft_transform(args.img_size, MEAN, STD)}
+        for name, tf in transforms.items():
+            total = args.warmup + args.batches
+            runs: dict[str, list[dict]] = {"webdataset_stream": [], "imagefolder": []}
+            for rep in range(args.repeats):  # alternated, best of each: robust to other load on the machine
+                stream = train_loader(shards, transform=tf, batch_size=args.batch_size, num_workers=args.workers,
+                                      seed=rep, epoch=0, rank=0, world_size=1, num_batches=total,
+                                      shuffle_buffer=256)  # fmt: skip
+                runs["webdataset_stream"].append(timed(stream, args.warmup, args.batches))
+                base = imagefolder_batches(root, tf, args.batch_size, args.workers)
+                runs["imagefolder"].append(timed(base, args.warmup, args.batches))
+            best = {k: max(v, key=lambda r: r["img_s"]) for k, v in runs.items()}
+            ratio = round(best["webdataset_stream"]["img_s"] / best["imagefolder"]["img_s"], 3)
+            results[name] = {**best, "ratio": ratio, "all_img_s": {k: [r["img_s"] for r in v] for k, v in runs.items()}}
+        stats = meta["image_stats"]
+        report = {
+            "what": "training input pipeline images/s (decode + augmentation), WebDataset stream vs ImageFolder",
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                        "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
+            "images": meta["splits"]["train"]["num_samples"],
+            "image_size_mean": [stats["width"]["mean"], stats["height"]["mean"]],
+            "shard_bytes": sum(f.stat().st_size for f in shards.glob("*.tar")),
+            "make_shards_s": round(shard_s, 2),
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "img_size": args.img_size,
+            "timed_batches": args.batches,
+            "results": results,
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        }
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

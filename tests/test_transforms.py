@@ -1,0 +1,98 @@
+"""MGP / BFT / eval transforms and Mixup: shapes, normalisation, the recipe's settings, soft targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms as T
+
+from livt_ds.data.transforms import bft_transform, build_mixup, default_crop_pct, eval_transform, mgp_transform
+
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def flat_image(color=(102, 128, 153), size=(40, 30)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def ops(transform) -> list:
+    return list(transform.transforms)
+
+
+def test_mgp_is_crop_flip_normalise_only():
+    tf = mgp_transform(24, MEAN, STD)
+    names = [type(t).__name__ for t in ops(tf)]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    crop = ops(tf)[0]
+    assert crop.scale == (0.2, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
+    x = tf(flat_image())
+    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
+    expected = (torch.tensor([102, 128, 153]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(x.mean((1, 2)), expected, atol=1e-5)  # a flat image stays flat: mean/std applied
+
+
+def test_bft_uses_rand_augment_and_pixel_erasing():
+    tf = bft_transform(32, MEAN, STD)
+    found = {type(t).__name__: t for t in ops(tf)}
+    assert isinstance(found["RandAugment"], RandAugment) and "ColorJitter" not in found
+    erasing = found["RandomErasing"]
+    assert isinstance(erasing, RandomErasing) and erasing.probability == 0.25 and erasing.mode == "pixel"
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    assert tf(img).shape == (3, 32, 32)
+    plain = bft_transform(32, MEAN, STD, rand_augment=None, re_prob=0.0)
+    assert "RandAugment" not in {type(t).__name__ for t in ops(plain)}
+    assert "RandomErasing" not in {type(t).__name__ for t in ops(plain)}
+
+
+def test_bft_posterize_at_full_magnitude_works():
+    """timm's inc1 posterize asks for 0 bits at magnitude 10; Pillow 13 raises there, we give the old black image."""
+    (ra,) = [t for t in ops(bft_transform(16, MEAN, STD)) if isinstance(t, RandAugment)]
+    (op,) = [op for op in ra.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    out = op(Image.new("RGB", (16, 16), (200, 100, 50)))
+    assert out.size == (16, 16) and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+@pytest.mark.parametrize(("size", "crop_pct", "resize"), [(224, None, 256), (384, None, 384), (32, 0.5, 64)])
+def test_eval_resizes_then_center_crops(size, crop_pct, resize):
+    tf = eval_transform(size, MEAN, STD, crop_pct=crop_pct)
+    first = ops(tf)[0]
+    assert isinstance(first, T.Resize) and first.size in (resize, [resize], (resize, resize))
+    assert first.interpolation == T.InterpolationMode.BICUBIC
+    assert tf(flat_image(size=(300, 200))).shape == (3, size, size)
+    assert default_crop_pct(224) == 0.875 and default_crop_pct(225) == 1.0
+
+
+def test_eval_center_crop_keeps_the_middle():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, :4] = 255  # a bright border stripe: cut off by a center crop of half the resized image
+    img[30:34, 30:34] = 255  # a bright centre: kept
+    x = eval_transform(64, (0, 0, 0), (1, 1, 1), crop_pct=0.5)(Image.fromarray(img))
+    assert x[:, :, :8].abs().max() < 0.01 and x[:, 28:36, 28:36].mean() > 0.9
+
+
+def test_build_mixup_variants():
+    assert build_mixup(10, 0.0, 0.0, 0.0) is None
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3])
+    smooth = build_mixup(10, 0.0, 0.0, 0.1)
+    xs, ys = smooth(x.clone(), y)
+    assert torch.equal(xs, x)  # nothing mixed
+    assert torch.allclose(ys[0, 0], torch.tensor(0.9 + 0.01)) and torch.allclose(ys[0, 1], torch.tensor(0.01))
+    mix = build_mixup(10, 0.8, 1.0, 0.1)
+    np.random.seed(0)
+    xm, ym = mix(x.clone(), y)
+    assert ym.shape == (4, 10) and torch.allclose(ym.sum(1), torch.ones(4))
+    assert not torch.equal(xm, x) and (ym > 0.05).sum(1).min() >= 2  # two classes per mixed target
+    with pytest.raises(ValueError):
+        build_mixup(10, -1.0, 0.0, 0.0)
+
+
+def test_bad_mean_std_are_rejected():
+    with pytest.raises(ValueError, match="mean"):
+        mgp_transform(16, (0.5, 0.5), STD)

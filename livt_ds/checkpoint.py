@@ -48,7 +48,8 @@ def saved_world_size(tag_dir: Path) -> int:
     """Data-parallel world size a ZeRO checkpoint was written with (one optimizer shard per rank)."""
     shards = glob.glob(str(tag_dir / "*zero_pp_rank_*_optim_states.pt"))
     if not shards:
-        raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); not a livt/DeepSpeed checkpoint")
+        raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); "
+                              "not a livt/DeepSpeed checkpoint")
     return len(shards)
 
 
@@ -101,7 +102,8 @@ def find_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
         return path / "checkpoints", latest_tag(path / "checkpoints")
     if path.is_dir() and glob.glob(str(path / "*model_states.pt")):
         return path.parent, path.name
-    raise CheckpointError(f"--resume {resume}: neither a run folder, a checkpoint folder with 'latest', nor a tag folder")
+    raise CheckpointError(f"--resume {resume}: neither a run folder, a checkpoint folder with 'latest', "
+                          "nor a tag folder")
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
@@ -147,10 +149,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
-    """Write ``model.pt`` (and ``encoder.pt`` for an MGP run) with consolidated fp32 weights usable without DeepSpeed."""
-    from livt_ds.config import recipe_from_dict
-
+    """Write ``model.pt`` (and ``encoder.pt`` for an MGP run): consolidated fp32 weights, usable without DeepSpeed."""
     import yaml
+
+    from livt_ds.config import recipe_from_dict
 
     run_dir = Path(run_dir)
     output = Path(output) if output else run_dir / "export"

@@ -27,12 +27,14 @@ def _run_args(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--output", required=True, help="run folder (config, logs, checkpoints, metrics)")
     if training:
         parser.add_argument("--resume", default="auto",
-                            help="'auto' (continue from OUTPUT/checkpoints/latest if present), 'none', or a checkpoint path")
+                            help="'auto' (continue from OUTPUT/checkpoints/latest if present), 'none', "
+                                 "or a checkpoint path")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2 data.path=shards/x")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="livt", description="LiVT on DeepSpeed: MGP pretraining and Bal-BCE fine-tuning")
+    parser = argparse.ArgumentParser(prog="livt",
+                                     description="LiVT on DeepSpeed: MGP pretraining and Bal-BCE fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("shard", help="write WebDataset shards + meta.json (see scripts/make_shards.py --help)",
                    add_help=False)
@@ -70,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         from livt_ds.data.make_shards import main as shard_main
 
         return shard_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:  # key=value overrides placed after options
+        args.overrides = [*getattr(args, "overrides", []), *rest]
     from livt_ds.checkpoint import CheckpointError
     from livt_ds.config import ConfigError
     from livt_ds.engine import NonFiniteLossError

@@ -166,7 +166,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in valid:
-            raise ConfigError(f"unknown key '{dotted}'; valid keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(valid)}")
+            where = f" in {prefix[:-1]}" if prefix else ""
+            raise ConfigError(f"unknown key '{dotted}'; valid keys{where}: {', '.join(valid)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value or {}, f"{dotted}.")
@@ -285,13 +286,13 @@ def plan_batch(ds: dict[str, Any], train: TrainConfig, world: int) -> BatchPlan:
             accum = 1
         else:
             if batch % (micro * world):
-                raise ConfigError(f"train.batch_size={batch} is not divisible by micro batch {micro} x world size {world}; "
-                                  "choose a batch size that is, or another micro batch")
+                raise ConfigError(f"train.batch_size={batch} is not divisible by micro batch {micro} x world size "
+                                  f"{world}; choose a batch size that is, or another micro batch")
             accum = batch // (micro * world)
     plan = BatchPlan(int(micro), int(accum), world)
     if batch is not None and plan.global_batch != batch:
-        raise ConfigError(f"train_batch_size {batch} != micro {micro} x gradient_accumulation_steps {accum} x world {world} "
-                          f"= {plan.global_batch}; fix the recipe's train.batch_size or the DeepSpeed config")
+        raise ConfigError(f"train_batch_size {batch} != micro {micro} x gradient_accumulation_steps {accum} x world "
+                          f"{world} = {plan.global_batch}; fix the recipe's train.batch_size or the DeepSpeed config")
     return plan
 
 

@@ -197,7 +197,8 @@ class Trainer:
         self.stop_requested = True
 
     def nonfinite_step(self) -> int | None:
-        """The first optimizer step whose loss was not finite on any rank (one host sync), or None."""
+        """The first optimizer step (1-based, as logged) whose loss was not finite on any rank, or None.
+        One host sync: called at log intervals and before checkpoints only."""
         bad = int(self.first_bad.item())
         bad = bad if bad >= 0 else 10**12
         worst = dist.gather_objects(bad)
@@ -243,19 +244,20 @@ class Trainer:
                                   batch_size=self.micro_batch, num_workers=recipe.data.num_workers,
                                   seed=recipe.train.seed, epoch=epoch, rank=dist.rank(),
                                   world_size=dist.world_size(), num_batches=s.micro_batches_per_epoch,
-                                  skip_batches=skip)
+                                  skip_batches=skip, pin_memory=torch.cuda.is_available())
             self.engine.train()
             for images, labels in loader:
                 if micro_count % s.accumulation == 0:
                     apply_lr(self.optimizer, self._lr(step))
-                images, targets = self.task.prepare_batch(images, labels)
+                images, targets = self.task.prepare_batch(images.to(device, non_blocking=True),
+                                                          labels.to(device, non_blocking=True))
                 loss = self.task.loss(self.engine, self.cast(images), targets)
                 self.engine.backward(loss)
                 self.engine.step()
                 detached = loss.detach().float()
                 loss_sum += detached
                 self.first_bad = torch.where(torch.isfinite(detached) | (self.first_bad >= 0), self.first_bad,
-                                             torch.full_like(self.first_bad, step))
+                                             torch.full_like(self.first_bad, step + 1))
                 micro_count += 1
                 if micro_count % s.accumulation:
                     continue
@@ -297,7 +299,7 @@ class Trainer:
         if bad is not None:
             raise NonFiniteLossError(
                 f"the loss became non-finite at optimizer step {bad} (stage {self.stage}); no checkpoint was written "
-                f"after it (last good: {self.last_saved if self.last_saved >= 0 else 'none'}). Lower train.blr, "
+                f"at or after it (latest: {self.last_saved if self.last_saved >= 0 else 'none'}). Lower train.blr, "
                 "check the data, or enable gradient_clipping in the DeepSpeed config.")
 
     def _log_train(self, step: int, log: Logger, loss: torch.Tensor, images_per_s: float) -> None:

@@ -5,9 +5,10 @@ The training loop (engine.py) is shared; it only ever calls the methods of these
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch

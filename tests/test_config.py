@@ -1,5 +1,6 @@
 """Recipe schema, overrides, and the merge with DeepSpeed JSON configs."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -66,8 +67,8 @@ def test_round_trip_through_yaml(tmp_path):
     again = load_recipe(tmp_path / "out.yaml")
     assert again == recipe
     assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
-    with pytest.raises(Exception):
-        recipe.train.epochs = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.train.epochs = 3
 
 
 def test_all_shipped_recipes_load():

@@ -43,6 +43,7 @@ import logging
 import math
 import multiprocessing
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from itertools import count, islice
 from pathlib import Path
@@ -367,6 +368,11 @@ def _check_rank(rank: int, world_size: int, batch_size: int, num_workers: int) -
         raise ValueError(f"num_workers {num_workers}: must be >= 0")
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """Workers leave preemption (SIGTERM) to the trainer, which saves a checkpoint; they end with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
     # A private generator: the loader's base-seed draw must not advance the trainer's global torch RNG
     # (a resumed run would otherwise diverge). The stream seeds itself; the base seed is unused.
@@ -378,6 +384,7 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> Dat
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_sigterm,
     )
 
 

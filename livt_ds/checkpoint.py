@@ -7,7 +7,7 @@ Exports are ``{"model": fp32 state dict, "recipe": dict, "stage": str, "tag": st
 from __future__ import annotations
 
 import glob
-import os
+import random
 import re
 import shutil
 import subprocess
@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import yaml
 
 from livt_ds import dist
 
@@ -106,11 +108,30 @@ def find_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
                           "nor a tag folder")
 
 
+def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
+    """Refuse, before DeepSpeed tries, a checkpoint whose parameter names/shapes differ from ``model``'s."""
+    files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no *model_states.pt; not a livt/DeepSpeed checkpoint")
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    saved: dict[str, tuple] = {}
+    for group in [*states.get("param_shapes", []), states.get("frozen_param_shapes") or {}]:
+        saved.update({name: tuple(shape) for name, shape in group.items()})
+    current = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    problems = [f"{n}: {list(saved[n])} in the checkpoint, {list(current[n])} here"
+                for n in current if n in saved and saved[n] != current[n]]
+    problems += [f"{n}: only in the checkpoint" for n in saved if n not in current]
+    problems += [f"{n}: not in the checkpoint" for n in current if n not in saved]
+    if problems:
+        raise CheckpointError(f"{tag_dir} does not match the model being trained (another model size or stage?): "
+                              + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""))
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """Load model, optimizer and client state; the checkpoint must exist (DeepSpeed only warns otherwise)."""
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError) as exc:
         raise CheckpointError(f"{ckpt_dir / tag} does not match the model being trained "
                               f"(another model size or stage?): {str(exc)[:800]}") from exc
     if path is None:
@@ -150,9 +171,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
     """Write ``model.pt`` (and ``encoder.pt`` for an MGP run): consolidated fp32 weights, usable without DeepSpeed."""
-    import yaml
-
-    from livt_ds.config import recipe_from_dict
+    from livt_ds.config import recipe_from_dict, recipe_to_dict
 
     run_dir = Path(run_dir)
     output = Path(output) if output else run_dir / "export"
@@ -163,7 +182,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
     recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     state = consolidate(ckpt_dir, tag)
-    payload = {"recipe": dataclass_dict(recipe), "stage": run_info.get("stage"), "tag": tag,
+    payload = {"recipe": recipe_to_dict(recipe), "stage": run_info.get("stage"), "tag": tag,
                "num_classes": run_info.get("num_classes")}
     output.mkdir(parents=True, exist_ok=True)
     written = [output / "model.pt"]
@@ -175,17 +194,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     return written
 
 
-def dataclass_dict(obj: Any) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
-
-
 def rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -193,16 +202,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def os_environ_world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -58,6 +58,9 @@ def init_distributed() -> str:
     launcher = discover_launcher_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host: share the cores instead of oversubscribing
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
         import deepspeed
 

@@ -45,6 +45,31 @@ class Schedule:
         return self.steps_per_epoch * self.accumulation
 
 
+def build_engine(task, recipe: Recipe, ds_config: dict[str, Any]):
+    """The task's model in a DeepSpeed engine with the optimizer from the JSON and the recipe's param groups.
+    Returns (engine, optimizer, input dtype)."""
+    import deepspeed
+
+    seed_everything(recipe.train.seed)  # identical initial weights on every rank
+    model = task.build_model()
+    weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
+    groups = param_groups(model, weight_decay, recipe.train.layer_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
+    return engine, optimizer, dtype
+
+
+def train_micro_step(engine, task, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One micro-batch: host batch -> device, the task's batch preparation (mixup) on the device, forward in the
+    engine's dtype, backward, and ``engine.step()`` (which updates only at an accumulation boundary)."""
+    images, targets = task.prepare_batch(images.to(engine.device, non_blocking=True),
+                                         labels.to(engine.device, non_blocking=True))
+    loss = task.loss(engine, images.to(dtype), targets)
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
 class Logger:
     """metrics.jsonl + TensorBoard + a progress bar, all on rank 0 only."""
 
@@ -129,7 +154,7 @@ class Trainer:
         total = recipe.train.epochs * steps_per_epoch
         self.schedule = Schedule(steps_per_epoch, total, round(recipe.train.warmup_epochs * steps_per_epoch),
                                  accumulation, plan_batch, ds_config["optimizer"]["params"]["lr"])
-        self.resume_from = checkpoint.find_resume(self.output, self.resume)
+        self.resume_from = self.resume_source = checkpoint.find_resume(self.output, self.resume)
         if self.resume_from is not None:
             ckpt_dir, tag = self.resume_from
             if checkpoint.saved_world_size(ckpt_dir / tag) != world:
@@ -146,17 +171,8 @@ class Trainer:
         dist.barrier()
 
     def _build_engine(self) -> None:
-        import deepspeed
-
-        seed_everything(self.recipe.train.seed)  # identical initial weights on every rank
-        model = self.task.build_model()
-        weight_decay = self.ds_config["optimizer"]["params"].get("weight_decay", 0.0)
-        groups = param_groups(model, weight_decay, self.recipe.train.layer_decay)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                                                 config=self.ds_config)
+        self.engine, self.optimizer, self.dtype = build_engine(self.task, self.recipe, self.ds_config)
         seed_everything(self.recipe.train.seed * 1000 + dist.rank())  # distinct masks / drop-path per rank
-        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
-            torch.float16 if self.engine.fp16_enabled() else torch.float32)
 
     def cast(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.engine.device, dtype=self.dtype, non_blocking=True)
@@ -171,6 +187,8 @@ class Trainer:
                 "recipe": recipe_to_dict(self.recipe), "stage": self.stage, "best": self.best}
 
     def _restore(self) -> int:
+        source_dir, source_tag = self.resume_source
+        checkpoint.check_model_matches(self.engine.module, source_dir / source_tag)
         ckpt_dir, tag = self.resume_from
         client = checkpoint.load(self.engine, ckpt_dir, tag)
         if client.get("stage") not in (None, self.stage):
@@ -249,11 +267,7 @@ class Trainer:
             for images, labels in loader:
                 if micro_count % s.accumulation == 0:
                     apply_lr(self.optimizer, self._lr(step))
-                images, targets = self.task.prepare_batch(images.to(device, non_blocking=True),
-                                                          labels.to(device, non_blocking=True))
-                loss = self.task.loss(self.engine, self.cast(images), targets)
-                self.engine.backward(loss)
-                self.engine.step()
+                loss = train_micro_step(self.engine, self.task, images, labels, self.dtype)
                 detached = loss.detach().float()
                 loss_sum += detached
                 self.first_bad = torch.where(torch.isfinite(detached) | (self.first_bad >= 0), self.first_bad,

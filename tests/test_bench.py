@@ -1,0 +1,141 @@
+"""scripts/bench_train.py: the CPU run end to end (both paths, both inputs), the FLOP count, the shard generator."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "bench_train.py"
+KEYS = ("stage", "path", "input", "batch", "steps", "warmup", "images_per_s", "step_ms", "data_wait_ms",
+        "model_tflops", "model_tflops_with_embed_heads", "share_of_peak", "peak_mem_gib", "mem_start_gib",
+        "ratio_project_over_baseline", "loss")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module  # dataclasses and the generator's process pool look it up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """4 classes x 3..6 tiny PNGs in an image folder, sharded with make_shards (3 shards)."""
+    from livt_ds.data.make_shards import main as make_shards
+
+    root = tmp_path_factory.mktemp("bench_data")
+    rng = np.random.default_rng(0)
+    for label, count in enumerate((6, 5, 4, 3)):
+        folder = root / "raw" / "train" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(count):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+            (folder / f"{i}.png").write_bytes(buf.getvalue())
+    out = root / "shards"
+    assert make_shards(["--source", "imagefolder", "--input", str(root / "raw"), "--output", str(out),
+                        "--shard-size", "7", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
+def test_cpu_run_reports_every_stage_path_and_input(tiny_shards, tmp_path):
+    json_out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--steps", "2", "--warmup", "1", "--input", "both",
+           "--shards", str(tiny_shards), "--zero-stages", "1,2", "--ds-adam", "config,torch-fused",
+           "--json-out", str(json_out)]
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    doc = json.loads(result.stdout)  # stdout holds the JSON document only; logs go to stderr
+    assert json.loads(json_out.read_text()) == doc
+    assert "img/s" in result.stderr  # the human table
+
+    entries = doc["results"]
+    assert sorted((e["stage"], e["path"], e["ds_adam"] or "", e["input"]) for e in entries) == sorted(
+        (st, p, a, i) for st in ("mgp", "bft") for p, a in (("project", "config"), ("project", "torch-fused"),
+                                                             ("baseline", "")) for i in ("synthetic", "shards"))
+    settings = doc["settings"]
+    assert settings["model"] == "vit_test" and settings["img_size"] == 32
+    assert settings["num_classes"] == 4  # the shard set's meta.json drives the BFT head and the Bal-BCE prior
+    by_key = {(e["stage"], e["ds_adam"] or e["path"], e["input"]): e for e in entries}
+    for e in entries:
+        assert "error" not in e, e
+        missing = [k for k in KEYS if k not in e]
+        assert not missing, f"{missing} missing in {e}"
+        assert e["images_per_s"] > 0 and e["step_ms"] > 0 and math.isfinite(e["loss"])
+        assert e["steps"] == 2
+        assert e["warmup"] == (1 if e["input"] == "synthetic" else 1 + 2 * settings["workers"])
+        assert e["share_of_peak"] is None and e["peak_mem_gib"] is None  # CPU: no GPU peak or memory figure
+        flops = doc["flops_per_image"][e["stage"]]["train"]
+        assert e["model_tflops"] == pytest.approx(e["images_per_s"] * flops / 1e12, rel=1e-2, abs=2e-3)
+        project = e["images_per_s"] if e["path"] == "project" else by_key[(e["stage"], "config", e["input"])][
+            "images_per_s"]
+        baseline = by_key[(e["stage"], "baseline", e["input"])]["images_per_s"]
+        assert e["ratio_project_over_baseline"] == pytest.approx(project / baseline, rel=1e-3)
+    project_mgp = by_key[("mgp", "config", "synthetic")]
+    assert project_mgp["ds_config"].endswith("cpu_fp32.json") and project_mgp["zero_stage"] == 2
+    assert project_mgp["optimizer"] == "AdamW" and not project_mgp["optimizer_fused"]  # the JSON's torch_adam
+    assert by_key[("bft", "torch-fused", "shards")]["optimizer_fused"] is True
+    assert by_key[("bft", "baseline", "shards")]["dtype"] == "float32"
+    assert "skipped" in doc["zero_stages"]  # the ZeRO memory sweep needs a GPU
+
+
+def test_flops_match_the_figures_of_gpu_md(bench):
+    """GPU.md / LIBRARIES.md: ViT-B/16 224 ~35 GFLOPs forward, MGP step ViT-B ~58 and ViT-L ~125 GFLOPs per image;
+    the anchors' images/s x FLOPs give their TFLOP/s column."""
+    bft_b = bench.flops_per_image("bft", "vit_base", 224, 16)
+    mgp_b = bench.flops_per_image("mgp", "vit_base", 224, 16)
+    mgp_l = bench.flops_per_image("mgp", "vit_large", 224, 16)
+    bft_l = bench.flops_per_image("bft", "vit_large", 224, 16)
+    assert bft_b["layers_fwd"] / 1e9 == pytest.approx(35, rel=0.02)
+    assert mgp_b["train"] / 1e9 == pytest.approx(58, rel=0.02)
+    assert mgp_l["train"] / 1e9 == pytest.approx(125, rel=0.02)
+    for ips, flops, tflops in ((2466, bft_b, 260), (3754, mgp_b, 218), (856, bft_l, 316), (2043, mgp_l, 253)):
+        assert ips * flops["train"] / 1e12 == pytest.approx(tflops, rel=0.02)
+    assert mgp_b["train_with_extras"] > mgp_b["train"]
+    with pytest.raises(ValueError, match="stage"):
+        bench.flops_per_image("eval", "vit_base", 224, 16)
+
+
+def test_settings_refuse_an_odd_mixup_batch(bench):
+    args = bench.build_parser().parse_args(["--device", "cpu", "--bft-batch", "7"])
+    with pytest.raises(SystemExit, match="even"):
+        bench.resolve_settings(args, cuda=False)
+    args = bench.build_parser().parse_args(["--device", "cpu", "--bft-batch", "7", "--bft-targets", "hard"])
+    assert bench.resolve_settings(args, cuda=False).batches["bft"] == 7
+    with pytest.raises(SystemExit, match="zero-stages"):
+        bench.resolve_settings(bench.build_parser().parse_args(["--zero-stages", "4"]), cuda=False)
+
+
+def test_generated_shard_set(bench, tmp_path):
+    shards = bench.generate_shards(tmp_path, images=10, size=(30, 20), classes=3, workers=1)
+    meta = json.loads((shards / "meta.json").read_text())
+    assert meta["num_classes"] == 3
+    assert meta["class_counts"] == [4, 3, 3]
+    assert meta["splits"]["train"]["num_samples"] == 10
+    assert Image.open(next((tmp_path / "raw" / "train" / "c0000").iterdir())).size == (30, 20)

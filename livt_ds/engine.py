@@ -240,6 +240,7 @@ class Trainer:
                     f"batch {s.global_batch} = {self.micro_batch} x {s.accumulation} x {dist.world_size()} ranks, "
                     f"lr {s.base_lr:.3g}, output {self.output}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.siginterrupt(signal.SIGTERM, False)  # restart interrupted system calls (gloo/nccl sockets)
         try:
             self._loop(start, end, log)
         finally:

@@ -146,13 +146,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(toy_shards, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+    while time.time() < deadline and len(train_losses(out) if (out / "metrics.jsonl").is_file() else {}) < 2:
         time.sleep(0.5)
-    time.sleep(2)
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempting the job signals all of its processes
     log = proc.communicate(timeout=120)[0]
     tags = [p.name for p in (out / "checkpoints").glob("step*")]
-    assert tags, log[-3000:]
+    assert tags, "\n".join(line for line in log.splitlines() if "rank1]" not in line)[-6000:]
     saved = int((out / "checkpoints" / "latest").read_text().strip()[4:])
     assert 0 < saved < 600
     result = run_livt(["pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}", "train.epochs=200",

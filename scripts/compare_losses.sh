@@ -38,28 +38,7 @@ else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     DEVICE_TEXT="2 CPU processes on $CORES cores"
 fi
-micro_batch() {  # micro_batch CONFIG: on GPUs, the override that splits the recipe's global batch over NPROC ranks
-    if (( NUM_CUDA > 0 )); then
-        python -c "import sys, yaml; print(f'train.micro_batch={yaml.safe_load(open(sys.argv[1]))[\"train\"][\"batch_size\"] // $NPROC}')" "$1"
-    fi
-}
-free_port() { python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
-
-finished() {  # finished RUN: the run's latest checkpoint is its last step (run.yaml schedule.total_steps)
-    python - "$1" <<'EOF'
-import sys
-from pathlib import Path
-import yaml
-run = Path(sys.argv[1])
-try:
-    total = yaml.safe_load((run / "run.yaml").read_text())["schedule"]["total_steps"]
-    tag = (run / "checkpoints" / "latest").read_text().strip()
-    done = int(tag.removeprefix("step")) >= int(total) and (run / "metrics.json").is_file()
-except (OSError, KeyError, TypeError, ValueError):
-    done = False
-sys.exit(0 if done else 1)
-EOF
-}
+source scripts/run_helpers.sh  # micro_batch, free_port, finished
 
 read -r -a BFT_MICRO <<< "$(micro_batch "$BFT_CONFIG")"
 same_recipe() {  # same_recipe RUN OVERRIDES...: RUN trained BFT_CONFIG + OVERRIDES (ignoring log/eval/checkpoint)

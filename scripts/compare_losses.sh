@@ -24,21 +24,8 @@ for tool in python deepspeed; do
     command -v "$tool" > /dev/null || die "'$tool' not found on PATH: run 'make compare' (it creates .venv), or activate the venv (source .venv/bin/activate) and run 'bash scripts/compare_losses.sh'"
 done
 
-CORES=$(env -u OMP_NUM_THREADS nproc)  # nproc would report OMP_NUM_THREADS
-NUM_CUDA=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-if (( NUM_CUDA > 0 )); then
-    NPROC=1
-    for n in 2 4 8; do (( NUM_CUDA >= n )) && NPROC=$n; done
-    DS_CONFIG=ds_configs/zero2_bf16.json
-    DEVICE_TEXT="$NPROC CUDA GPU(s)"
-else
-    NPROC=2
-    DS_CONFIG=ds_configs/cpu_fp32.json
-    export DS_ACCELERATOR=cpu
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    DEVICE_TEXT="2 CPU processes on $CORES cores"
-fi
-source scripts/run_helpers.sh  # micro_batch, free_port, finished
+source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), micro_batch, free_port, finished
+DEVICE_TEXT="$HW_TEXT"
 
 read -r -a BFT_MICRO <<< "$(micro_batch "$BFT_CONFIG")"
 same_recipe() {  # same_recipe RUN OVERRIDES...: RUN trained BFT_CONFIG + OVERRIDES (ignoring log/eval/checkpoint)

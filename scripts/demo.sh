@@ -28,25 +28,13 @@ done
 python -c "import livt_ds" 2> /dev/null || die "python cannot import livt_ds: install the package (make venv) and activate .venv"
 
 # ------------------------------------------------------------------------------------------ devices
-CORES=$(env -u OMP_NUM_THREADS nproc)  # nproc would report OMP_NUM_THREADS
-NUM_CUDA=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), micro_batch, free_port, finished
 if (( NUM_CUDA > 0 )); then
-    # the recipes' global batches (128, 64) must split evenly: use 1, 2, 4 or 8 GPUs
-    NPROC=1
-    for n in 2 4 8; do (( NUM_CUDA >= n )) && NPROC=$n; done
-    DS_CONFIG=ds_configs/zero2_bf16.json
-    HW_TEXT="$NPROC CUDA GPU(s)"
-    DEVICE_TEXT="$NPROC CUDA GPU(s) (of $NUM_CUDA), $DS_CONFIG"
+    DEVICE_TEXT="$HW_TEXT (of $NUM_CUDA), $DS_CONFIG"
 else
-    NPROC=2
-    DS_CONFIG=ds_configs/cpu_fp32.json
-    export DS_ACCELERATOR=cpu
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 ranks share the cores; more threads only oversubscribe
-    HW_TEXT="$NPROC CPU processes on $CORES cores"
     DEVICE_TEXT="$HW_TEXT (no CUDA GPU found), $DS_CONFIG"
 fi
 
-source scripts/run_helpers.sh  # micro_batch, free_port, finished
 
 launch() {  # launch SUBCOMMAND ARGS...: the livt CLI on NPROC ranks through the DeepSpeed launcher
     deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" --module livt_ds "$@"

@@ -1,4 +1,21 @@
-# Shell helpers shared by scripts/demo.sh and scripts/compare_losses.sh (sourced; they read NUM_CUDA and NPROC).
+# Shell helpers shared by scripts/demo.sh and scripts/compare_losses.sh (sourced).
+
+# Devices: every CUDA GPU (1, 2, 4 or 8 so the recipes' global batches split evenly; ZeRO-2 bf16), else 2 CPU
+# processes (ZeRO-2 fp32, gloo, one thread each). Sets NUM_CUDA, NPROC, DS_CONFIG, CORES and HW_TEXT.
+CORES=$(env -u OMP_NUM_THREADS nproc)  # nproc would report OMP_NUM_THREADS
+NUM_CUDA=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if (( NUM_CUDA > 0 )); then
+    NPROC=1
+    for n in 2 4 8; do (( NUM_CUDA >= n )) && NPROC=$n; done
+    DS_CONFIG=ds_configs/zero2_bf16.json
+    HW_TEXT="$NPROC CUDA GPU(s)"
+else
+    NPROC=2
+    DS_CONFIG=ds_configs/cpu_fp32.json
+    export DS_ACCELERATOR=cpu
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 ranks share the cores; more threads only oversubscribe
+    HW_TEXT="$NPROC CPU processes on $CORES cores"
+fi
 
 micro_batch() {  # micro_batch CONFIG: on GPUs, the override that splits the recipe's global batch over NPROC ranks
     if (( NUM_CUDA > 0 )); then

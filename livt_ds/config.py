@@ -62,6 +62,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: num_samples // batch_size
     stop_after_steps: int | None = None  # stop (with a checkpoint) at this optimizer step; the schedule is unchanged
     seed: int = 0
+    betas: list[float] | None = None  # AdamW betas; fills "betas": "auto" in the DeepSpeed JSON (MGP and BFT differ)
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,22 @@ def base_lr(train: TrainConfig, global_batch: int) -> float:
     return train.lr if train.lr is not None else train.blr * global_batch / 256
 
 
+def _resolve_betas(given: Any, recipe_betas: list[float] | None) -> list[float]:
+    """The JSON's betas, or the recipe's where the JSON says "auto"; both given and different is an error."""
+    if recipe_betas is not None and len(recipe_betas) != 2:
+        raise ConfigError(f"train.betas={recipe_betas}: expected two numbers [beta1, beta2]")
+    if not _explicit(given):
+        if recipe_betas is None:
+            raise ConfigError('optimizer.params.betas is "auto" in the DeepSpeed config: set train.betas in the recipe '
+                              "(the paper: [0.9, 0.95]) or give the numbers in the JSON")
+        return [float(b) for b in recipe_betas]
+    given = [float(b) for b in given]
+    if recipe_betas is not None and given != [float(b) for b in recipe_betas]:
+        raise ConfigError(f"optimizer.params.betas={given} in the DeepSpeed config contradicts train.betas="
+                          f"{list(recipe_betas)} in the recipe; write \"auto\" in the JSON")
+    return given
+
+
 def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, world: int) -> dict[str, Any]:
     """Return a complete DeepSpeed config: "auto" filled from the recipe, contradictions refused."""
     ds = copy.deepcopy(ds)
@@ -319,6 +336,8 @@ def resolve_ds_config(ds: dict[str, Any], recipe: Recipe, world: int) -> dict[st
         raise ConfigError(f"optimizer.params.lr={given} in the DeepSpeed config contradicts the recipe "
                           f"(train.blr {recipe.train.blr} x batch {plan.global_batch} / 256 = {lr:g}); write \"auto\"")
     params["lr"] = lr
+    if "betas" in params or recipe.train.betas is not None:  # absent from both: the optimizer's own default
+        params["betas"] = _resolve_betas(params.get("betas", AUTO), recipe.train.betas)
     for key, value in list(params.items()):
         if value == AUTO:
             raise ConfigError(f"optimizer.params.{key} is 'auto', but the recipe does not derive it: give a value")

@@ -137,3 +137,29 @@ def test_ds_config_file_errors(tmp_path):
         load_ds_config(tmp_path / "bad.json")
     (tmp_path / "ok.json").write_text(json.dumps(ds()))
     assert load_ds_config(tmp_path / "ok.json")["train_batch_size"] == "auto"
+
+
+def test_betas_come_from_the_recipe_where_the_json_says_auto():
+    auto = ds()
+    auto["optimizer"]["params"]["betas"] = "auto"
+    bft = load_recipe(None, ["train.micro_batch=8", "train.betas=[0.9, 0.999]"])
+    assert resolve_ds_config(auto, bft, world=1)["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    with pytest.raises(ConfigError, match="set train.betas"):
+        resolve_ds_config(auto, load_recipe(None, ["train.micro_batch=8"]), world=1)
+    explicit = ds()
+    explicit["optimizer"]["params"]["betas"] = [0.9, 0.95]
+    silent = load_recipe(None, ["train.micro_batch=8"])
+    assert resolve_ds_config(explicit, silent, world=1)["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    with pytest.raises(ConfigError, match=r"betas=\[0.9, 0.95\] in the DeepSpeed config contradicts train.betas"):
+        resolve_ds_config(explicit, bft, world=1)
+    assert "betas" not in resolve_ds_config(ds(), silent, world=1)["optimizer"]["params"]  # the optimizer's default
+    with pytest.raises(ConfigError, match="two numbers"):
+        resolve_ds_config(auto, load_recipe(None, ["train.micro_batch=8", "train.betas=[0.9]"]), world=1)
+
+
+def test_shipped_recipes_give_each_stage_its_betas_through_the_shipped_json():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        recipe = load_recipe(path)
+        for ds_path in sorted((REPO / "ds_configs").glob("*.json")):
+            out = resolve_ds_config(load_ds_config(ds_path), recipe, world=2)
+            assert out["optimizer"]["params"]["betas"] == recipe.train.betas, (path.name, ds_path.name)

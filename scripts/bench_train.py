@@ -3,7 +3,7 @@
 
 For each stage (MGP = masked pretraining, BFT = balanced fine-tuning), path and input mode it times
 ``--steps`` training steps after ``--warmup`` steps and reports images/s, step time, model TFLOP/s (the
-analytic count of /work/shared/GPU.md), share of the 989 TFLOP/s dense bf16 peak, peak GPU memory and the
+analytic count in docs/gpu.md), share of the 989 TFLOP/s dense bf16 peak, peak GPU memory and the
 project/baseline ratio.
 
 Paths
@@ -84,7 +84,7 @@ ZERO_CONFIGS = {
     "3": "ds_configs/zero3_bf16.json",
     "2offload": "ds_configs/zero2_offload_bf16.json",
 }
-# Per-GPU micro-batches of the anchor figures (GPU.md); other sizes scale from the base ones.
+# Per-GPU micro-batches of the reference figures (docs/gpu.md); other sizes scale from the base ones.
 GPU_BATCHES = {"vit_base": {"mgp": 512, "bft": 256}, "vit_large": {"mgp": 256, "bft": 128},
                "vit_huge": {"mgp": 128, "bft": 64}}
 GIB = 2**30
@@ -95,7 +95,7 @@ FIELDS = {
     "images_per_s": "batch * steps / synchronised wall time of the timed steps (after the warm-up)",
     "step_ms": "wall time per timed step",
     "data_wait_ms": "host time per step spent waiting for the next batch (shards: the loader; ~0 when it keeps up)",
-    "model_tflops": "images_per_s * 3 * forward FLOPs of the transformer layers (GPU.md's formula)",
+    "model_tflops": "images_per_s * 3 * forward FLOPs of the transformer layers (docs/gpu.md)",
     "model_tflops_with_embed_heads": "the same with patch embedding, decoder embed/prediction and classifier head",
     "share_of_peak": "model_tflops / peak_tflops (GPU only)",
     "peak_mem_gib": "torch.cuda.max_memory_allocated over warm-up + timed steps (reset first; GPU only)",
@@ -106,7 +106,7 @@ FIELDS = {
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 def layer_flops(tokens: int, width: int) -> int:
-    """Forward FLOPs of one transformer layer on ``tokens`` tokens of width ``width`` (GPU.md's count)."""
+    """Forward FLOPs of one transformer layer on ``tokens`` tokens of width ``width`` (docs/gpu.md)."""
     return 24 * tokens * width**2 + 4 * tokens**2 * width
 
 
@@ -335,9 +335,9 @@ def make_recipe(s: Settings, stage: str, batch: int) -> Recipe:
     if s.shards is not None:
         overrides.append(f"data.path={s.shards}")
     if stage == "mgp":
-        overrides += ["train.blr=1.5e-4", "train.layer_decay=1.0"]
+        overrides += ["train.blr=1.5e-4", "train.layer_decay=1.0", "train.betas=[0.9,0.95]"]
     else:
-        overrides += ["train.blr=1e-3", "train.layer_decay=0.75"]
+        overrides += ["train.blr=1e-3", "train.layer_decay=0.75", "train.betas=[0.9,0.95]"]
         if s.bft_targets == "hard":
             overrides += ["augment.mixup=0", "augment.cutmix=0", "augment.label_smoothing=0"]
     return load_recipe(None, overrides)
@@ -736,7 +736,8 @@ def run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
         "flops_per_image": flops,
         "flops_formula": "per layer 24*N*d^2 + 4*N^2*d forward, x3 for training; MGP encoder on N = round(L*(1-r))+1 "
                          "visible tokens + decoder on L+1 tokens at decoder width; BFT encoder on L+1 tokens. "
-                         "model_tflops counts the layers only (as GPU.md's anchors); model_tflops_with_embed_heads "
+                         "model_tflops counts the layers only (as the reference figures in docs/gpu.md); "
+                         "model_tflops_with_embed_heads "
                          "adds patch embedding, decoder embed/prediction and the classifier head.",
         "fields": FIELDS,
         "notes": s.notes,

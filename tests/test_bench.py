@@ -105,8 +105,8 @@ def test_cpu_run_reports_every_stage_path_and_input(tiny_shards, tmp_path):
     assert "skipped" in doc["zero_stages"]  # the ZeRO memory sweep needs a GPU
 
 
-def test_flops_match_the_figures_of_gpu_md(bench):
-    """GPU.md / LIBRARIES.md: ViT-B/16 224 ~35 GFLOPs forward, MGP step ViT-B ~58 and ViT-L ~125 GFLOPs per image;
+def test_flops_match_the_reference_figures_of_docs_gpu_md(bench):
+    """docs/gpu.md: ViT-B/16 224 ~35 GFLOPs forward, MGP step ViT-B ~58 and ViT-L ~125 GFLOPs per image;
     the anchors' images/s x FLOPs give their TFLOP/s column."""
     bft_b = bench.flops_per_image("bft", "vit_base", 224, 16)
     mgp_b = bench.flops_per_image("mgp", "vit_base", 224, 16)

@@ -127,6 +127,16 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
                               + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""))
 
 
+def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
+    """The resolved recipe a checkpoint was trained with (its client state), None for a checkpoint without one."""
+    files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no *model_states.pt; not a livt/DeepSpeed checkpoint")
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    recipe = states.get("recipe")
+    return recipe if isinstance(recipe, dict) else None
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """Load model, optimizer and client state; the checkpoint must exist (DeepSpeed only warns otherwise)."""
     try:

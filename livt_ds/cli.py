@@ -29,6 +29,9 @@ def _run_args(parser: argparse.ArgumentParser, training: bool) -> None:
         parser.add_argument("--resume", default="auto",
                             help="'auto' (continue from OUTPUT/checkpoints/latest if present), 'none', "
                                  "or a checkpoint path")
+        parser.add_argument("--allow-recipe-change", action="store_true",
+                            help="resume although the recipe changes what is trained (recorded in history.jsonl; "
+                                 "with another train.epochs the lr follows the schedule planned for the new length)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2 data.path=shards/x")
 
 
@@ -82,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     from livt_ds.checkpoint import CheckpointError
     from livt_ds.config import ConfigError
     from livt_ds.engine import NonFiniteLossError
+    from livt_ds.provenance import RunLockedError
 
     try:
         return _dispatch(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError, ValueError) as exc:
         print(f"livt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLossError as exc:
@@ -117,7 +121,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from livt_ds.engine import Trainer
 
     stage = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
-    Trainer(stage, recipe, ds_config, args.output, resume=args.resume).run()
+    Trainer(stage, recipe, ds_config, args.output, resume=args.resume,
+            allow_recipe_change=args.allow_recipe_change).run()
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from livt_ds import checkpoint, dist
+from livt_ds import checkpoint, dist, provenance
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader, train_loader
 from livt_ds.data.shards import load_meta
@@ -126,13 +127,20 @@ class Logger:
 
 
 class Trainer:
-    def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, resume: str = "auto"):
+    def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, resume: str = "auto",
+                 allow_recipe_change: bool = False):
         self.stage = stage
         self.recipe = recipe
         self.output = Path(output)
         self.resume = resume
+        self.allow_recipe_change = allow_recipe_change
         self.ds_config_path = ds_config_path
         self.stop_requested = False
+        self.lock: provenance.RunLock | None = None
+        self.recipe_change: dict[str, list] | None = None  # diff against the checkpoint's recipe, on resume
+        self.saved_recipe: dict[str, Any] | None = None
+        self.schedule_change: dict[str, list] | None = None  # length changed on resume (--allow-recipe-change)
+        self.step_reached = 0
 
     # ----------------------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -154,8 +162,10 @@ class Trainer:
         total = recipe.train.epochs * steps_per_epoch
         self.schedule = Schedule(steps_per_epoch, total, round(recipe.train.warmup_epochs * steps_per_epoch),
                                  accumulation, plan_batch, ds_config["optimizer"]["params"]["lr"])
+        self._claim_run_folder()
         self.resume_from = self.resume_source = checkpoint.find_resume(self.output, self.resume)
         if self.resume_from is not None:
+            self._check_recipe_change()
             ckpt_dir, tag = self.resume_from
             if checkpoint.saved_world_size(ckpt_dir / tag) != world:
                 self.resume_from = (ckpt_dir, checkpoint.to_universal(ckpt_dir, tag))
@@ -169,6 +179,42 @@ class Trainer:
                     "data": recipe.data.path, "schedule": self.schedule.__dict__}
             (self.output / "run.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
         dist.barrier()
+
+    def _claim_run_folder(self) -> None:
+        """Rank 0 takes the run folder's lock; every rank fails together when another live run holds it."""
+        error = None
+        if dist.is_main():
+            try:
+                self.lock = provenance.RunLock(self.output).acquire()
+            except provenance.RunLockedError as exc:
+                error = str(exc)
+        error = dist.broadcast_object(error)
+        if error:
+            raise provenance.RunLockedError(error)
+
+    def _check_recipe_change(self) -> None:
+        """Refuse (on every rank) a resume whose recipe changes what the checkpoint was trained with."""
+        source_dir, source_tag = self.resume_source
+        error, diff, saved = None, None, None
+        if dist.is_main():
+            saved = checkpoint.saved_recipe(source_dir / source_tag)
+            if saved is not None:
+                try:
+                    diff = provenance.check_resume_recipe(saved, recipe_to_dict(self.recipe),
+                                                          allow=self.allow_recipe_change,
+                                                          checkpoint=str(source_dir / source_tag),
+                                                          output=str(self.output))
+                except ConfigError as exc:
+                    error = str(exc)
+        error, diff, saved = dist.broadcast_object((error, diff, saved))
+        if error:
+            raise ConfigError(error)
+        self.recipe_change, self.saved_recipe = diff, saved
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _build_engine(self) -> None:
         self.engine, self.optimizer, self.dtype = build_engine(self.task, self.recipe, self.ds_config)
@@ -200,7 +246,27 @@ class Trainer:
         if len(rng) == dist.world_size():
             checkpoint.set_rng_state(rng[dist.rank()])
         self.logger_msg = f"resumed from {ckpt_dir / tag} at step {step}"
+        self.schedule_change = self._schedule_change(step)
+        if self.schedule_change:
+            c = self.schedule_change
+            self.logger_msg += (f"; the schedule now ends at step {c['total_steps'][1]} (was {c['total_steps'][0]}): "
+                                f"lr at step {step} {c['lr_at_resume'][0]:.3g} -> {c['lr_at_resume'][1]:.3g}")
         return step
+
+    def _schedule_change(self, step: int) -> dict[str, list] | None:
+        """A resume with another length (allowed on purpose) follows, from its first step on, the warm-up + cosine
+        of a run planned with the new length from the start: the lr is still a pure function of the step."""
+        if not self.saved_recipe or not self.recipe_change:
+            return None
+        old = self.saved_recipe.get("train", {})
+        s = self.schedule
+        old_total = int(old.get("epochs", self.recipe.train.epochs)) * int(old.get("steps_per_epoch") or
+                                                                          s.steps_per_epoch)
+        if old_total == s.total_steps:
+            return None
+        old_lr = lr_at(step, base_lr=s.base_lr, min_lr=self.recipe.train.min_lr, warmup_steps=s.warmup_steps,
+                       total_steps=old_total)
+        return {"total_steps": [old_total, s.total_steps], "lr_at_resume": [old_lr, self._lr(step)]}
 
     def _save(self, step: int) -> None:
         if self.nonfinite_step() is not None:
@@ -225,6 +291,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
+        """Train to the end (or a stop); the run folder's lock is held throughout and released on any exit."""
+        try:
+            return self._run()
+        finally:
+            self._release_lock()
+
+    def _run(self) -> dict[str, Any]:
         self._setup()
         self._build_engine()
         self.best: dict[str, Any] = {}
@@ -241,12 +314,31 @@ class Trainer:
                     f"lr {s.base_lr:.3g}, output {self.output}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.siginterrupt(signal.SIGTERM, False)  # restart interrupted system calls (gloo/nccl sockets)
+        segment = self._history_start(start)
+        self.step_reached, reason = start, "error"
         try:
             self._loop(start, end, log)
+            reason = ("sigterm" if self.stop_requested else "finished" if self.step_reached >= s.total_steps
+                      else "stop_after_steps")
+        except BaseException as exc:
+            reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
             log.close()
+            if segment is not None:
+                provenance.History(self.output).end(segment, end_step=self.step_reached, reason=reason)
         return self.best
+
+    def _history_start(self, start: int) -> int | None:
+        hosts = sorted(set(dist.gather_objects(socket.gethostname())))
+        if not dist.is_main():
+            return None
+        source = self.resume_source
+        return provenance.History(self.output).start(
+            stage=self.stage, recipe=recipe_to_dict(self.recipe), start_step=start, world_size=dist.world_size(),
+            hosts=hosts, resumed_from=str(source[0] / source[1]) if source else None, diff=self.recipe_change,
+            schedule={**self.schedule.__dict__, "change": self.schedule_change})
 
     def _loop(self, start: int, end: int, log: Logger) -> None:
         s, recipe = self.schedule, self.recipe
@@ -277,6 +369,7 @@ class Trainer:
                 if micro_count % s.accumulation:
                     continue
                 step += 1
+                self.step_reached = step
                 window_steps += 1
                 log.advance()
                 if step % recipe.log.every_steps == 0 or step == end:

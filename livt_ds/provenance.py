@@ -1,0 +1,245 @@
+"""Keeping a run folder true to what was trained: recipe changes on resume, the run's history, one writer.
+
+- `check_resume_recipe`: a resumed run may change bookkeeping (eval / log / checkpoint cadence, where to stop),
+  never what is trained, unless the user says so (``--allow-recipe-change``).
+- `History`: ``RUN/history.jsonl``, one ``start`` record per launch (command, world, hosts, start step, recipe and
+  its diff against the previous segment, versions, git commit) and one ``end`` record (end step, reason).
+- `RunLock`: ``RUN/run.lock`` held by global rank 0 while a run is alive; stale once its process is gone (same
+  host) or its heartbeat stops (another host on a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from livt_ds.config import ConfigError
+
+# Keys whose change does not change what is trained: how often to evaluate, log and save, and where to stop.
+BOOKKEEPING_SECTIONS = ("eval.", "log.", "checkpoint.")
+BOOKKEEPING_KEYS = ("train.stop_after_steps",)
+PACKAGES = ("livt-ds", "torch", "deepspeed", "timm", "webdataset")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process writes to this run folder."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 2}} -> {"train.epochs": 2}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """Dotted key -> [old value, new value] for every key whose value differs (a missing key reads as None)."""
+    a, b = flatten(old), flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def is_bookkeeping(key: str) -> bool:
+    return key.startswith(BOOKKEEPING_SECTIONS) or key in BOOKKEEPING_KEYS
+
+
+def check_resume_recipe(old: dict[str, Any], new: dict[str, Any], *, allow: bool, checkpoint: str,
+                        output: str) -> dict[str, list[Any]]:
+    """The recipe diff between a checkpoint's recipe and the resumed run's; raises ConfigError when a key that
+    changes what is trained differs and ``allow`` is False. Bookkeeping changes always pass."""
+    diff = recipe_diff(old, new)
+    training = {k: v for k, v in diff.items() if not is_bookkeeping(k)}
+    if training and not allow:
+        lines = "\n".join(f"  {k}: {v[0]!r} -> {v[1]!r}" for k, v in training.items())
+        raise ConfigError(
+            f"{checkpoint} was trained with another recipe; resuming would change what is trained:\n{lines}\n"
+            f"Start a new run with another --output, or pass --allow-recipe-change to continue {output} with the new "
+            "values on purpose (recorded in history.jsonl; with another train.epochs the lr follows, from the resume "
+            "step on, the schedule of a run planned with the new length).")
+    return diff
+
+
+def recipe_digest(recipe: dict[str, Any]) -> str:
+    """sha256 of the recipe's canonical JSON: names the exact recipe a model was trained with."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the livt-ds checkout being run (with ``-dirty`` for local changes), None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+class History:
+    """``RUN/history.jsonl``: append-only; written by rank 0 only."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "history.jsonl"
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def last_recipe(self) -> dict[str, Any] | None:
+        starts = [r for r in self.records() if r.get("event") == "start"]
+        return starts[-1]["recipe"] if starts else None
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def start(self, *, stage: str, recipe: dict[str, Any], start_step: int, world_size: int, hosts: list[str],
+              resumed_from: str | None, diff: dict[str, list[Any]] | None, schedule: dict[str, Any]) -> int:
+        """Append a segment's start record; returns the segment number (0 for a new run). ``recipe_diff`` is taken
+        against the previous segment's recipe, else ``diff`` (against the checkpoint resumed from, if any)."""
+        previous = self.last_recipe()
+        if previous is not None:
+            diff = recipe_diff(previous, recipe)
+        segment = sum(1 for r in self.records() if r.get("event") == "start")
+        self._append({"event": "start", "segment": segment, "time": _now(), "stage": stage,
+                      "command": [sys.executable, *sys.argv], "cwd": os.getcwd(), "world_size": world_size,
+                      "hosts": hosts, "start_step": start_step, "resumed_from": resumed_from,
+                      "recipe_diff": diff or {}, "recipe": recipe, "recipe_sha256": recipe_digest(recipe),
+                      "schedule": schedule, "versions": versions(), "git_commit": git_commit()})
+        return segment
+
+    def end(self, segment: int, *, end_step: int, reason: str) -> None:
+        self._append({"event": "end", "segment": segment, "time": _now(), "end_step": end_step, "reason": reason})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock file in a run folder, held by one process (global rank 0).
+
+    Created atomically (a complete temporary file hard-linked to ``run.lock``, which fails if the name exists, also
+    on NFS); refreshed by a heartbeat thread every ``heartbeat_s`` seconds. A lock is stale when its holder runs on
+    this host and its process is gone, or when its heartbeat is older than ``stale_after_s`` (another host).
+    """
+
+    def __init__(self, run_dir: Path, *, heartbeat_s: float = 30.0, stale_after_s: float = 180.0) -> None:
+        self.path = Path(run_dir) / "run.lock"
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
+                      "command": [sys.executable, *sys.argv]}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: judged by its age alone
+
+    def is_stale(self, holder: dict[str, Any]) -> bool:
+        if holder.get("host") == self.owner["host"] and isinstance(holder.get("pid"), int):
+            return not _pid_alive(holder["pid"])
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        return age > self.stale_after_s
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{self.owner['host']}.{self.owner['pid']}")
+        tmp.write_text(json.dumps(self.owner))
+        try:
+            for _ in range(20):
+                try:
+                    os.link(tmp, self.path)
+                    break
+                except FileExistsError:
+                    holder = self.holder()
+                    if holder is None:
+                        continue
+                    if not self.is_stale(holder):
+                        raise RunLockedError(self._held_message(holder)) from None
+                    with contextlib.suppress(FileNotFoundError):  # another launcher may take it over first
+                        stale = self.path.with_name(f"{self.path.name}.stale.{self.owner['pid']}")
+                        os.rename(self.path, stale)
+                        stale.unlink()
+            else:
+                raise RunLockedError(f"{self.path}: could not take the lock (it keeps changing hands)")
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._beat, name="livt-run-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _held_message(self, holder: dict[str, Any]) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" if holder
+               else "an unreadable lock")
+        return (f"{self.path.parent} is in use by another run ({who}; command: "
+                f"{' '.join(holder.get('command', [])[1:]) if holder else '?'}). Wait for it to end or use another "
+                f"--output. A lock whose process is gone is taken over automatically (on another host: after "
+                f"{self.stale_after_s:.0f} s without a heartbeat); {self.path} may also be removed by hand.")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder = self.holder()
+        if holder and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+def model_provenance(run_dir: Path | None, tag: str | None, recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """What a metrics.json or an export records about the weights it came from."""
+    return {"run": str(Path(run_dir).resolve()) if run_dir else None, "checkpoint_tag": tag,
+            "recipe_sha256": recipe_digest(recipe) if recipe is not None else None}

@@ -64,9 +64,20 @@ def engine_model(run: Path):
     return model.eval()
 
 
+def engine_transform(run: Path):
+    """The eval transform the trainer used: recipe + the shard set's measured mean/std."""
+    import yaml
+
+    from livt_ds.config import recipe_from_dict
+    from livt_ds.data.shards import load_meta
+    from livt_ds.tasks import FinetuneTask
+
+    recipe = recipe_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    return FinetuneTask(recipe, load_meta(recipe.data.path)).eval_transform()
+
+
 @pytest.mark.slow
 def test_export_loads_in_plain_timm_with_the_engines_predictions(pipeline_runs, val_images, tmp_path):
-    from livt_ds.data.transforms import eval_transform
     from livt_ds.models.mae import sincos_pos_embed_2d
 
     export = pipeline_runs / "bft" / "export"
@@ -82,7 +93,7 @@ def test_export_loads_in_plain_timm_with_the_engines_predictions(pipeline_runs, 
     model = engine_model(pipeline_runs / "bft")
     from PIL import Image
 
-    transform = eval_transform(32, cfg["mean"], cfg["std"], 0.875)
+    transform = engine_transform(pipeline_runs / "bft")  # the trainer's eval transform, not the export's
     with torch.no_grad():
         engine = model(torch.stack([transform(Image.open(p).convert("RGB")) for p in val_images]))
     timm_logits = torch.tensor(timm_out["outputs"])
@@ -127,12 +138,9 @@ def test_predict_writes_named_top_k_and_reports_unreadable_images(pipeline_runs,
         assert len(top) == 2 and top[0]["prob"] >= top[1]["prob"] and all(t["class"] in CLASSES for t in top)
         assert top[0]["class"] == CLASSES[top[0]["index"]]
     # the same top-1 as the engine's model on the same image
-    from livt_ds.predict import load_predictor, predictor_transform
-
-    predictor = load_predictor(pipeline_runs / "bft" / "export")
     from PIL import Image
 
-    image = predictor_transform(predictor.config)(Image.open(folder / "sub0" / "img0.png").convert("RGB"))
+    image = engine_transform(pipeline_runs / "bft")(Image.open(folder / "sub0" / "img0.png").convert("RGB"))
     with torch.no_grad():
         assert CLASSES[int(model(image[None]).argmax())] == lines["img0.png"]["top_k"][0]["class"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,13 +154,21 @@ def test_predict_lists_shards_csv_and_test_prior(pipeline_runs, toy_shards, val_
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p} 0\n" for p in val_images[:3]) + "missing.png\n")
     csv_out = tmp_path / "p.csv"
-    done = run_predict(str(pipeline_runs / "bft"), [str(listing), str(toy_shards)], csv_out, top_k=4, num_workers=1,
-                       progress=False)  # a run folder, a list and the shard set's val split (20 images)
+    run = tmp_path / "run"  # a run folder without export: its latest ZeRO checkpoint is consolidated (safely)
+    shutil.copytree(pipeline_runs / "bft" / "checkpoints", run / "checkpoints")
+    for name in ("config.yaml", "run.yaml"):
+        shutil.copy(pipeline_runs / "bft" / name, run / name)
+    done = run_predict(str(run), [str(listing), str(toy_shards)], csv_out, top_k=4, num_workers=1,
+                       progress=False)  # a list and the shard set's val split (20 images)
     assert done["images"] == 3 + 20 and done["errors"] == 1
     rows = csv_out.read_text().splitlines()
     assert rows[0].startswith("path,class_1,prob_1,class_2") and rows[0].endswith(",error")
     assert any("missing.png" in r and "FileNotFoundError" in r for r in rows)
     assert sum("#val_" in r for r in rows) == 20
+    exported = tmp_path / "exported.csv"
+    run_predict(str(pipeline_runs / "bft" / "export"), [str(listing), str(toy_shards)], exported, top_k=4,
+                num_workers=0, progress=False)
+    assert exported.read_text() == csv_out.read_text()  # the run's checkpoint and its export predict alike
 
     raw, adjusted = tmp_path / "raw.jsonl", tmp_path / "fwd.jsonl"
     export = str(pipeline_runs / "bft" / "export")

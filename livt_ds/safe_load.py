@@ -6,13 +6,13 @@ Everything livt reads for ``model.init``, ``livt eval`` and ``livt predict`` the
 classes, or through safetensors (no code at all). DeepSpeed checkpoints hold a few non-tensor objects (the
 optimizer's ZeRO stage enum, numpy RNG states in our client state, ...): those classes are allow-listed here, and
 DeepSpeed's own loaders, which call ``torch.load(weights_only=False)``, run inside :func:`weights_only_loading`,
-which forces ``weights_only=True`` for every ``torch.load`` (PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``).
+which forces ``weights_only=True`` for every ``torch.load`` in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,11 +71,19 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 def weights_only_loading(where: str | Path) -> Iterator[None]:
     """Every ``torch.load`` inside (DeepSpeed's included) loads with ``weights_only=True`` and the allow-list.
 
-    An UnpicklingError raised inside, directly or as the cause of a wrapping error, becomes UnsafeWeightsError
-    naming ``where``. Not thread-safe (it sets an environment variable for the duration).
+    ``torch.load`` is wrapped for the duration (in this process only: PyTorch's TORCH_FORCE_WEIGHTS_ONLY_LOAD would
+    also reach subprocesses, such as DeepSpeed's universal-checkpoint converter, without the allow-list). An
+    UnpicklingError raised inside, directly or as the cause of a wrapping error, becomes UnsafeWeightsError naming
+    ``where``. Not thread-safe.
     """
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    original = torch.load
+
+    @functools.wraps(original)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = torch.serialization.load = load
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             yield
@@ -85,7 +93,4 @@ def weights_only_loading(where: str | Path) -> Iterator[None]:
             raise _refusal(where, cause) from None
         raise
     finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+        torch.load = torch.serialization.load = original

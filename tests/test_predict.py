@@ -208,6 +208,15 @@ def test_eval_prints_the_test_prior_table_equal_to_the_engines(pipeline_runs, to
     assert table["uniform"]["adjusted"] == pytest.approx(plain["top1"])
     assert list((out / "plots").glob("test_priors_*.png")) and list((pipeline_runs / "bft" / "plots").glob(
         "test_priors_*.png"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in (out, pipeline_runs / "bft"):
+        images = set()
+        for events in (run / "tensorboard").glob("events.*"):
+            acc = EventAccumulator(str(events), size_guidance={"images": 0})
+            acc.Reload()
+            images |= set(acc.Tags()["images"])
+        assert "eval/test_priors" in images, (run, images)
 
 
 # ---------------------------------------------------------------------------------------------- safe loading

@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
+from livt_ds.checkpoint import CheckpointError
+
 __all__ = ["UnsafeWeightsError", "allowed_globals", "load_torch_file", "weights_only_loading"]
 
 
-class UnsafeWeightsError(ValueError):
+class UnsafeWeightsError(CheckpointError):
     """A weights file that would need arbitrary Python objects (and so could run code) to load."""
 
 

@@ -171,10 +171,11 @@ class EvalAccumulator:
         self.pred.append(pred.cpu())
         self.confidence.append(confidence.cpu())
         self.labels.append(labels.cpu())
-        adj = self.adjustments.to(z.device)
-        for p in range(adj.shape[0]):  # one [B, C] at a time: no [P, B, C] tensor
-            hit = (z + adj[p]).argmax(dim=1) == labels
-            self.adjusted_hits[p] += torch.bincount(labels[hit], minlength=self.num_classes).cpu()
+        self.adjustments = self.adjustments.to(z.device)  # moved once; hits stay on the device until gather()
+        self.adjusted_hits = self.adjusted_hits.to(z.device)
+        for p in range(self.adjustments.shape[0]):  # one [B, C] at a time: no [P, B, C] tensor
+            hit = (z + self.adjustments[p]).argmax(dim=1) == labels
+            self.adjusted_hits[p] += torch.bincount(labels[hit], minlength=self.num_classes)
 
     def gather(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(pred [N], confidence [N], labels [N], adjusted hits [P, C]) over all ranks, on every rank."""

@@ -1,7 +1,9 @@
 """Checkpoints through the DeepSpeed engine, resume (also onto another world size), and plain-weight export.
 
 Layout: ``RUN/checkpoints/<tag>/`` (engine-written ZeRO shards, tag ``stepNNNNNNNN``), ``RUN/checkpoints/latest``.
-Exports are ``{"model": fp32 state dict, "recipe": dict, "stage": str, "tag": str}`` saved with torch.save.
+Exports: ``model.safetensors`` + ``config.json`` in timm's hub layout (livt_ds/hub.py), and ``model.pt``
+``{"model": fp32 state dict, "recipe": dict, "stage": str, "tag": str, ...}`` (plain data, loads with
+``weights_only=True``). Weights are read without unpickling arbitrary objects (livt_ds/safe_load.py).
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
     files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
     if not files:
         raise CheckpointError(f"{tag_dir}: no *model_states.pt; not a livt/DeepSpeed checkpoint")
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    from livt_ds.safe_load import load_torch_file
+
+    states = load_torch_file(files[0])
     saved: dict[str, tuple] = {}
     for group in [*states.get("param_shapes", []), states.get("frozen_param_shapes") or {}]:
         saved.update({name: tuple(shape) for name, shape in group.items()})
@@ -163,25 +167,62 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
+WEIGHT_FILES = ("model.safetensors", "model.pt")  # in a folder, the first found wins
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from an export file, an export folder, a run folder (its export, else its latest checkpoint),
-    a checkpoint folder with ``latest``, or a tag folder."""
+    """Weights from an export file (.safetensors, or .pt read with ``weights_only=True``), an export folder, a run
+    folder (its export, else its latest checkpoint), a checkpoint folder with ``latest``, or a tag folder.
+    Nothing is unpickled beyond tensors, plain data and the allow-list of ``livt_ds.safe_load``."""
+    from livt_ds.safe_load import load_torch_file, weights_only_loading
+
     path = Path(path)
     if path.is_file():
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = load_torch_file(path)
         return obj.get("model", obj) if isinstance(obj, dict) else obj
-    for name in ("export/model.pt", "model.pt"):
-        if (path / name).is_file():
-            return load_weights(path / name)
+    for folder in (path / "export", path):
+        for name in WEIGHT_FILES:
+            if (folder / name).is_file():
+                return load_weights(folder / name)
     found = find_resume(path, str(path)) if path.is_dir() else None
     if found is None:
-        raise CheckpointError(f"model.init={path}: not found (expected an export .pt, a run folder, or a checkpoint)")
-    return consolidate(*found)
+        raise CheckpointError(f"model.init={path}: not found (expected an export (model.safetensors or .pt), a run "
+                              "folder, or a checkpoint)")
+    with weights_only_loading(found[0] / found[1]):
+        return consolidate(*found)
+
+
+def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
+    """timm hub config.json of a run: model from its recipe, class names and counts from its shard set."""
+    from livt_ds.config import recipe_from_dict
+    from livt_ds.data.shards import load_meta
+    from livt_ds.hub import hub_config
+    from livt_ds.tasks import normalisation, train_class_counts
+
+    run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: no config.yaml; not a livt run folder")
+    recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    try:
+        meta = load_meta(recipe.data.path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{run_dir}: the run's shard set is needed once, to record the class names and "
+                              f"counts in the export: {exc}") from None
+    stage = run_info.get("stage") or "finetune"
+    mean, std = normalisation(recipe, meta)
+    return hub_config(recipe, stage, meta["classes"], train_class_counts(meta, recipe.data.train_split), mean, std,
+                      tag=tag)
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
-    """Write ``model.pt`` (and ``encoder.pt`` for an MGP run): consolidated fp32 weights, usable without DeepSpeed."""
-    from livt_ds.config import recipe_from_dict, recipe_to_dict
+    """Write ``model.safetensors`` + ``config.json`` (timm's hub layout: the classifier, or the encoder of an MGP
+    run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights."""
+    from livt_ds.hub import model_weights, write_export
+    from livt_ds.safe_load import weights_only_loading
 
     run_dir = Path(run_dir)
     output = Path(output) if output else run_dir / "export"
@@ -189,15 +230,18 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest'); has the run saved one?")
-    run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    state = consolidate(ckpt_dir, tag)
-    payload = {"recipe": recipe_to_dict(recipe), "stage": run_info.get("stage"), "tag": tag,
-               "num_classes": run_info.get("num_classes")}
-    output.mkdir(parents=True, exist_ok=True)
-    written = [output / "model.pt"]
-    torch.save({**payload, "model": state}, written[0])
-    if run_info.get("stage") == "pretrain":
+    config = run_export_config(run_dir, tag)
+    with weights_only_loading(ckpt_dir / tag):
+        state = consolidate(ckpt_dir, tag)
+    stage = config["livt"]["stage"]
+    written = write_export(output, config, model_weights(state, stage))
+    payload = {"recipe": config["livt"]["recipe"], "stage": stage, "tag": tag,
+               "num_classes": len(config["livt"]["class_counts"]), "class_names": config.get("label_names"),
+               "class_counts": config["livt"]["class_counts"], "mean": config["pretrained_cfg"]["mean"],
+               "std": config["pretrained_cfg"]["std"]}
+    torch.save({**payload, "model": state}, output / "model.pt")
+    written.append(output / "model.pt")
+    if stage == "pretrain":
         encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         torch.save({**payload, "model": encoder}, output / "encoder.pt")
         written.append(output / "encoder.pt")

@@ -1,4 +1,4 @@
-"""`livt {shard,pretrain,finetune,eval,export}` (also `python -m livt_ds ...`, and under the deepspeed launcher)."""
+"""`livt {shard,pretrain,finetune,eval,export,predict}` (also `python -m livt_ds ...`, under the deepspeed launcher)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder (holding checkpoints/)")
     export.add_argument("--output", default=None, help="default RUN/export")
     export.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    predict = sub.add_parser("predict", help="named top-k predictions for images (files, folders, lists, shards)")
+    predict.add_argument("--model", required=True,
+                         help="a BFT run folder, an export folder (config.json + model.safetensors) or a weights file")
+    predict.add_argument("--input", required=True, nargs="+",
+                         help="image files, folders (recursive), text lists (one path per line), shard sets or .tar")
+    predict.add_argument("--output", required=True, help="preds.jsonl or preds.csv")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--test-prior", default=None,
+                         help="adjust for a test prior: uniform, forward-R, backward-R (e.g. forward-10) or a JSON "
+                              "file {class name: weight}")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--workers", type=int, default=None, help="DataLoader decode workers (default: up to 4)")
+    predict.add_argument("--split", default="val", help="split of a shard-set input (default val)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -104,6 +118,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         for path in export(args.run, args.output, args.tag):
             print(f"wrote {path}")
         return 0
+    if args.command == "predict":
+        from livt_ds.predict import default_workers, run_predict
+
+        workers = default_workers() if args.workers is None else args.workers
+        done = run_predict(args.model, args.input, args.output, top_k=args.top_k, test_prior=args.test_prior,
+                           batch_size=args.batch_size, num_workers=workers, split=args.split,
+                           progress=not args.no_progress)
+        print(f"wrote {done['images']} predictions and {done['errors']} unreadable-image lines to {done['output']}")
+        return 0
     from livt_ds import dist
     from livt_ds.config import load_recipe
 
@@ -115,8 +138,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         metrics = run_eval(recipe, ds_config, args.output)
         if dist.is_main():
+            from livt_ds.report import prior_table_text
+
             shown = {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece", "mce", "num_samples")}
             print(json.dumps(shown))
+            loss = metrics["test_prior_loss"]
+            print(f"expected top-1 (%) under other test priors (raw, and adjusted for the prior; loss {loss['name']}, "
+                  f"tau {loss['tau']}):")
+            print(prior_table_text(metrics["test_priors"]))
         return 0
     from livt_ds.engine import Trainer
 

@@ -86,6 +86,9 @@ class AugmentConfig:
 class EvalConfig:
     every: int = 1  # evaluate every N epochs (and always at the end); 0: only at the end
     batch_size: int = 64
+    # extra test priors for the test-prior table, besides uniform and forward/backward-{2,5,10,25,50}:
+    # "forward-R", "backward-R" or a JSON file {"class name": weight}
+    test_priors: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

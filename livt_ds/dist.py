@@ -127,3 +127,11 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, group=_CONTROL_GROUP)
         values /= world_size()
     return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a small CPU tensor (counts), dtype kept; returns a new CPU tensor."""
+    values = values.detach().cpu().clone()
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(values, group=_CONTROL_GROUP)
+    return values

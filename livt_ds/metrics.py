@@ -1,5 +1,5 @@
 """Evaluation metrics for long-tailed classification: top-1, many/medium/few-shot accuracy, per-class accuracy,
-ECE/MCE and the reliability-diagram bins. All use the raw logits (never the balanced-loss bias).
+ECE/MCE and the reliability-diagram bins. All use the raw logits (never the balanced-loss bias), in fp32.
 
 Shot groups follow the LT literature: many > 100 training images, medium 20..100, few < 20.
 Results are plain Python floats/ints/None so they go straight into JSON.
@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SHOT_GROUPS", "shot_groups", "calibration", "classification_report"]
+__all__ = ["SHOT_GROUPS", "shot_groups", "calibration", "classification_report", "prediction_report",
+           "per_class_accuracy", "EvalAccumulator"]
 
 SHOT_GROUPS = ("many", "medium", "few")
 
@@ -93,13 +94,32 @@ def classification_report(
     samples), per_class (C percent floats, None for a class without samples), num_samples, num_classes,
     group_classes (number of classes per group) and reliability (bins for a reliability diagram, fractions).
     """
-    counts = [int(c) for c in torch.as_tensor(class_counts).flatten().tolist()]
-    num_classes = len(counts)
+    num_classes = len(torch.as_tensor(class_counts).flatten())
     logits = logits.detach().float().cpu()
     labels = labels.detach().long().cpu().flatten()
     _check_inputs(logits, labels, num_classes)
-    probs = torch.softmax(logits, dim=1)
-    confidence, pred = probs.max(dim=1)
+    confidence, pred = torch.softmax(logits, dim=1).max(dim=1)
+    return prediction_report(pred, confidence, labels, class_counts, n_bins)
+
+
+def prediction_report(
+    pred: Tensor, confidence: Tensor, labels: Tensor, class_counts: Sequence[int] | Tensor, n_bins: int = 15
+) -> dict:
+    """``classification_report`` from what it needs per sample: predicted class [N], its softmax probability [N]
+    and the label [N] (so a distributed eval gathers three numbers per sample, not C logits)."""
+    counts = [int(c) for c in torch.as_tensor(class_counts).flatten().tolist()]
+    num_classes = len(counts)
+    pred, labels = pred.detach().long().cpu().flatten(), labels.detach().long().cpu().flatten()
+    if labels.numel() == 0:
+        raise ValueError("classification_report: no samples to evaluate (empty logits)")
+    if pred.shape != labels.shape or confidence.numel() != labels.numel():
+        raise ValueError(f"prediction_report: pred {list(pred.shape)}, confidence {list(confidence.shape)} and "
+                         f"labels {list(labels.shape)} must all be [N]")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"classification_report: labels must be in [0, {num_classes}), got range "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
     correct = pred == labels
     per_count = torch.bincount(labels, minlength=num_classes)
     per_hit = torch.bincount(labels, weights=correct.double(), minlength=num_classes)
@@ -109,8 +129,62 @@ def classification_report(
         idx = torch.tensor(groups[name], dtype=torch.long)
         report[name] = _percent(per_hit[idx].sum(), per_count[idx].sum()) if len(idx) else None
     report.update(calibration(confidence, correct, n_bins))
-    report["per_class"] = [_percent(h, n) for h, n in zip(per_hit.tolist(), per_count.tolist(), strict=True)]
+    report["per_class"] = per_class_accuracy(per_hit, per_count)
     report["num_samples"] = int(labels.numel())
     report["num_classes"] = num_classes
     report["group_classes"] = {name: len(groups[name]) for name in SHOT_GROUPS}
     return report
+
+
+def per_class_accuracy(hits: Tensor, counts: Tensor) -> list[float | None]:
+    """Percent correct per class from correct predictions [C] and samples [C] (None for a class without samples)."""
+    return [_percent(h, n) for h, n in zip(hits.tolist(), counts.tolist(), strict=True)]
+
+
+class EvalAccumulator:
+    """What the metrics need from a stream of logits, kept per rank and gathered once at the end.
+
+    ``update(logits [B, C], labels [B])`` computes in fp32 (whatever the model's dtype): the softmax confidence and
+    the argmax per sample, and for each of the P logit adjustments ``adjustments [P, C]`` (test priors, see
+    ``livt_ds.priors``) the per-class count of correct adjusted predictions ``argmax(z + a_p)``. ``gather()`` (a
+    collective: every rank calls it) returns pred/confidence/labels [N] of all ranks and the adjusted hits [P, C]
+    summed over ranks: O(N + P*C) numbers instead of the N*C logits.
+    """
+
+    def __init__(self, num_classes: int, adjustments: Tensor | None = None) -> None:
+        self.num_classes = num_classes
+        adj = torch.zeros(0, num_classes) if adjustments is None else adjustments.detach().float()
+        if adj.dim() != 2 or adj.shape[1] != num_classes:
+            raise ValueError(f"EvalAccumulator: adjustments must be [P, {num_classes}], got {list(adj.shape)}")
+        self.adjustments = adj
+        self.pred: list[Tensor] = []
+        self.confidence: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.adjusted_hits = torch.zeros(adj.shape[0], num_classes, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        z = logits.detach().float()
+        labels = labels.to(z.device).long().flatten()
+        _check_inputs(z, labels, self.num_classes)
+        confidence, pred = torch.softmax(z, dim=1).max(dim=1)
+        self.pred.append(pred.cpu())
+        self.confidence.append(confidence.cpu())
+        self.labels.append(labels.cpu())
+        self.adjustments = self.adjustments.to(z.device)  # moved once; hits stay on the device until gather()
+        self.adjusted_hits = self.adjusted_hits.to(z.device)
+        for p in range(self.adjustments.shape[0]):  # one [B, C] at a time: no [P, B, C] tensor
+            hit = (z + self.adjustments[p]).argmax(dim=1) == labels
+            self.adjusted_hits[p] += torch.bincount(labels[hit], minlength=self.num_classes)
+
+    def gather(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(pred [N], confidence [N], labels [N], adjusted hits [P, C]) over all ranks, on every rank."""
+        from livt_ds import dist
+
+        def local(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+        pred = dist.gather_tensors(local(self.pred, torch.long))
+        confidence = dist.gather_tensors(local(self.confidence, torch.float32))
+        labels = dist.gather_tensors(local(self.labels, torch.long))
+        return pred, confidence, labels, dist.all_reduce_sum(self.adjusted_hits)

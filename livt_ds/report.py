@@ -1,5 +1,5 @@
 """Plots and tables people look at instead of numbers: per-class accuracy head -> tail, reliability diagrams,
-MGP reconstructions, and a markdown results table.
+MGP reconstructions, expected top-1 under other test priors, and a markdown results table.
 
 Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas (no pyplot, no display, no global state),
 so this works in headless training processes. Each plot comes three ways: ``*_figure`` (a Figure),
@@ -37,6 +37,10 @@ __all__ = [
     "save_figure",
     "save_png",
     "results_table_markdown",
+    "prior_shift_figure",
+    "plot_prior_shift",
+    "prior_shift_image",
+    "prior_table_text",
 ]
 
 _GROUP_SHADES = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
@@ -399,3 +403,50 @@ def _format_cell(value: object, label: str, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"results table: {label!r} {key} = {value!r} is not a number or None")
     return f"{float(value):.1f}"
+
+
+# ------------------------------------------------------------------------------------------ test priors
+def prior_shift_figure(table: Mapping[str, Mapping[str, float | None]], title: str = "") -> Figure:
+    """Expected top-1 (percent) vs test prior, backward-50 ... uniform ... forward-50, raw and prior-adjusted,
+    from ``metrics["test_priors"]`` (``{prior: {"raw", "adjusted"}}``; priors outside the standard set are not
+    drawn)."""
+    from livt_ds.priors import standard_prior_names
+
+    names = [n for n in standard_prior_names() if n in table]
+    if not names:
+        raise ValueError(f"test prior plot: none of the standard priors in the table (it has {sorted(table)[:5]})")
+    fig = _new_figure(width=9.0, height=4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(names))
+    for key, style in (("raw", "o-"), ("adjusted", "s--")):
+        ax.plot(x, _nan_array([table[n].get(key) for n in names]), style, label=f"{key} prediction")
+    if "uniform" in names:
+        ax.axvline(names.index("uniform"), color="0.6", lw=0.8)
+    ax.set_xticks(x, [n.replace("backward-", "bwd ").replace("forward-", "fwd ") for n in names], rotation=45)
+    ax.set_xlabel("test prior (imbalance; bwd: tail classes frequent, fwd: head classes frequent)")
+    ax.set_ylabel("expected top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title(title or "top-1 under other test priors (Theorem 3 adjustment)")
+    return fig
+
+
+def plot_prior_shift(table: Mapping[str, Mapping[str, float | None]], path: str | Path, title: str = "") -> Path:
+    """Write the test-prior plot (see ``prior_shift_figure``) to ``path`` as PNG."""
+    return save_figure(prior_shift_figure(table, title), path)
+
+
+def prior_shift_image(table: Mapping[str, Mapping[str, float | None]], title: str = "") -> Tensor:
+    """The test-prior plot as a float ``[3, H, W]`` tensor in [0, 1] (TensorBoard ``add_image``)."""
+    return figure_to_image(prior_shift_figure(table, title))
+
+
+def prior_table_text(table: Mapping[str, Mapping[str, float | None]]) -> str:
+    """Plain-text table ``test prior | raw | adjusted`` (expected top-1 in percent, one decimal)."""
+    width = max(len("test prior"), *(len(n) for n in table))
+    lines = [f"{'test prior':<{width}}  {'raw':>6}  {'adjusted':>8}"]
+    for name, row in table.items():
+        lines.append(f"{name:<{width}}  {_format_cell(row.get('raw'), name, 'raw'):>6}  "
+                     f"{_format_cell(row.get('adjusted'), name, 'adjusted'):>8}")
+    return "\n".join(lines)

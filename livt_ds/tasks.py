@@ -16,12 +16,13 @@ from torch import nn
 
 from livt_ds import dist
 from livt_ds.checkpoint import load_weights
-from livt_ds.config import Recipe
+from livt_ds.config import ConfigError, Recipe
 from livt_ds.data import transforms
 from livt_ds.losses import build_loss
-from livt_ds.metrics import classification_report
+from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
 from livt_ds.models.registry import build_classifier, build_mae
 from livt_ds.models.vit import load_encoder_weights
+from livt_ds.priors import expected_accuracy, prior_adjustment, resolve_prior, standard_prior_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +43,18 @@ def normalisation(recipe: Recipe, meta: dict) -> tuple[tuple[float, ...], tuple[
     mean = recipe.data.mean or meta.get("mean") or IMAGENET_MEAN
     std = recipe.data.std or meta.get("std") or IMAGENET_STD
     return tuple(mean), tuple(std)
+
+
+def train_class_counts(meta: dict, split: str) -> list[int]:
+    """Training images per class of ``split`` (``data.train_split``): the prior of the balanced losses, the shot
+    groups and the test priors."""
+    info = meta.get("splits", {}).get(split)
+    if info is not None and "class_counts" in info:
+        return [int(c) for c in info["class_counts"]]
+    if split == "train":
+        return [int(c) for c in meta["class_counts"]]
+    raise ConfigError(f"data.train_split={split!r}: the shard set's meta.json has no class counts for it; "
+                      f"its splits are {sorted(meta.get('splits', {}))}")
 
 
 def padded_eval_batches(loader: Iterable, img_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
@@ -130,11 +143,16 @@ class FinetuneTask:
         self.recipe = recipe
         self.meta = meta
         self.mean, self.std = normalisation(recipe, meta)
-        self.class_counts = list(meta["class_counts"])
+        self.class_counts = train_class_counts(meta, recipe.data.train_split)
         self.num_classes = int(meta["num_classes"])
         a, lo = recipe.augment, recipe.loss
         self.mixup = transforms.build_mixup(self.num_classes, a.mixup, a.cutmix, a.label_smoothing)
         self.criterion = build_loss(lo.name, self.class_counts, tau=lo.tau, test_prior=lo.test_prior)
+        names = [*standard_prior_names(), *(p for p in recipe.eval.test_priors if p not in standard_prior_names())]
+        self.test_priors = {name: resolve_prior(name, self.class_counts, meta.get("classes")) for name in names}
+        self.prior_adjustments = torch.stack([
+            prior_adjustment(self.class_counts, lo.name, prior, tau=lo.tau, loss_test_prior=lo.test_prior)
+            for prior in self.test_priors.values()])
 
     def build_model(self) -> nn.Module:
         m = self.recipe.model
@@ -171,17 +189,24 @@ class FinetuneTask:
 
     @torch.no_grad()
     def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:
-        """Top-1, many/medium/few, ECE/MCE and per-class accuracy of the raw logits (the bias is loss-only)."""
-        logits, labels = [], []
+        """Top-1, many/medium/few, ECE/MCE and per-class accuracy of the raw logits (the bias is loss-only), and
+        the expected top-1 under each test prior, raw and prior-adjusted (``test_priors`` in the metrics).
+
+        Each rank keeps only predictions, confidences, labels and per-class counts (fp32 softmax/argmax), so
+        the gather is O(N + P*C), not the N*C logits."""
+        acc = EvalAccumulator(self.num_classes, self.prior_adjustments)
         for images, target, real in padded_eval_batches(loader, self.recipe.model.img_size):
             out = forward(cast(images))
             if real:
-                logits.append(out.float().cpu())
-                labels.append(target.cpu())
-        local_logits = torch.cat(logits) if logits else torch.zeros(0, self.num_classes)
-        local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-        all_logits, all_labels = dist.gather_tensors(local_logits), dist.gather_tensors(local_labels)
-        metrics = classification_report(all_logits, all_labels, self.class_counts)
+                acc.update(out, target)
+        pred, confidence, labels, adjusted_hits = acc.gather()
+        metrics = prediction_report(pred, confidence, labels, self.class_counts)
+        per_count = torch.bincount(labels, minlength=self.num_classes)
+        metrics["test_priors"] = {
+            name: {"raw": expected_accuracy(metrics["per_class"], prior),
+                   "adjusted": expected_accuracy(per_class_accuracy(adjusted_hits[p], per_count), prior)}
+            for p, (name, prior) in enumerate(self.test_priors.items())}
+        metrics["test_prior_loss"] = {"name": self.recipe.loss.name, "tau": self.recipe.loss.tau}
         images = {}
         if dist.is_main():
             from livt_ds import report
@@ -189,6 +214,7 @@ class FinetuneTask:
             images["per_class_accuracy"] = report.per_class_image({"model": metrics["per_class"]}, self.class_counts)
             images["reliability"] = report.reliability_image({"model": {**metrics["reliability"],
                                                                          "ece": metrics["ece"]}})
+            images["test_priors"] = report.prior_shift_image(metrics["test_priors"])
         return EvalResult(metrics, images)
 
 

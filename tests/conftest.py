@@ -96,3 +96,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+
+
+MGP_ARGS = ["--config", "configs/tiny_mgp.yaml", "--ds-config", "ds_configs/cpu_fp32.json"]
+BFT_ARGS = ["--config", "configs/tiny_bft.yaml", "--ds-config", "ds_configs/cpu_fp32.json"]
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(toy_shards, tmp_path_factory):
+    """MGP -> BFT (from the MGP run) -> export, under the deepspeed launcher with 2 CPU ranks; shared by the
+    test files that need trained runs (test_training, test_predict)."""
+    out = tmp_path_factory.mktemp("runs")
+    data = f"data.path={toy_shards}"
+    run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "mgp"), data, "train.epochs=2"])
+    run_livt(["finetune", *BFT_ARGS, "--output", str(out / "bft"), data, f"model.init={out / 'mgp'}", "train.epochs=2",
+              "augment.mixup=0", "augment.cutmix=0"])
+    run_livt(["export", str(out / "bft")], ranks=0)
+    run_livt(["export", str(out / "mgp")], ranks=0)
+    return out

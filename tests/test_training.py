@@ -33,19 +33,6 @@ def tb_tags(run: Path) -> set[str]:
     return tags
 
 
-@pytest.fixture(scope="module")
-def pipeline_runs(toy_shards, tmp_path_factory):
-    """MGP -> BFT (from the MGP run) -> export, under the deepspeed launcher with 2 CPU ranks."""
-    out = tmp_path_factory.mktemp("runs")
-    data = f"data.path={toy_shards}"
-    run_livt(["pretrain", *MGP, "--output", str(out / "mgp"), data, "train.epochs=2"])
-    run_livt(["finetune", *BFT, "--output", str(out / "bft"), data, f"model.init={out / 'mgp'}", "train.epochs=2",
-              "augment.mixup=0", "augment.cutmix=0"])
-    run_livt(["export", str(out / "bft")], ranks=0)
-    run_livt(["export", str(out / "mgp")], ranks=0)
-    return out
-
-
 def test_pretrain_writes_logs_checkpoints_and_reconstructions(pipeline_runs):
     mgp = pipeline_runs / "mgp"
     for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "metrics.json", "checkpoints/latest"):

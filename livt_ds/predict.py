@@ -1,0 +1,306 @@
+"""`livt predict`: named top-k predictions for images, from a run folder, an export folder or a weights file.
+
+Inputs: image files, folders (searched recursively), text lists (one image path per line, relative to the list's
+folder; a trailing integer label is ignored) and shard sets (a folder with meta.json: its ``--split``) or .tar
+shards. Decoding runs in DataLoader workers, the model in batches on the GPU when there is one. An image that
+cannot be read becomes an output line with an ``error`` field; the run goes on.
+
+Output: JSONL (``{"path", "top_k": [{"class", "index", "prob"}, ...]}`` or ``{"path", "error"}``) or CSV
+(``path, class_1, prob_1, ..., error``), chosen by the output's suffix. ``prob`` is the softmax of the fp32
+logits, after the test-prior adjustment when ``--test-prior`` is given (livt_ds/priors.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from livt_ds.checkpoint import CheckpointError, latest_tag, load_weights, run_export_config
+from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
+from livt_ds.data.transforms import eval_transform
+from livt_ds.hub import CONFIG_NAME, WEIGHTS_NAME, build_timm_model, hub_config, model_weights
+from livt_ds.priors import prior_adjustment, resolve_prior
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+
+
+@dataclass
+class Predictor:
+    """A classifier ready to predict: the timm model, its hub config, and the per-class logit adjustment [C]."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    adjustment: torch.Tensor
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["label_names"])
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def load_config_and_weights(spec: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(hub config, timm state dict) of an export folder, a run folder, a .safetensors file (config.json beside
+    it) or a livt .pt export. Weights are never unpickled beyond plain data (livt_ds/safe_load.py)."""
+    path = Path(spec)
+    for folder in (path, path / "export"):
+        if folder.is_dir() and (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+            return json.loads((folder / CONFIG_NAME).read_text()), load_weights(folder / WEIGHTS_NAME)
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run without export: consolidate its latest checkpoint
+        config = run_export_config(path, latest_tag(path / "checkpoints") or "")
+        return config, model_weights(load_weights(path), config["livt"]["stage"])
+    if path.is_file() and path.suffix == ".safetensors":
+        if not (path.parent / CONFIG_NAME).is_file():
+            raise CheckpointError(f"--model {path}: no {CONFIG_NAME} beside it; export with `livt export RUN`")
+        return json.loads((path.parent / CONFIG_NAME).read_text()), load_weights(path)
+    if path.is_file():
+        from livt_ds.config import recipe_from_dict
+        from livt_ds.safe_load import load_torch_file
+
+        payload = load_torch_file(path)
+        if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
+            raise CheckpointError(f"--model {path}: not a livt export with class names; use the export folder "
+                                  "(config.json + model.safetensors) or re-export with `livt export RUN`")
+        recipe = recipe_from_dict(payload["recipe"])
+        mean, std = recipe.data.mean or payload.get("mean"), recipe.data.std or payload.get("std")
+        if mean is None or std is None:
+            raise CheckpointError(f"--model {path}: no normalisation recorded; use the export folder instead")
+        config = hub_config(recipe, payload.get("stage") or "finetune", payload["class_names"],
+                            payload["class_counts"], mean, std, tag=payload.get("tag"))
+        return config, model_weights(payload["model"], config["livt"]["stage"])
+    raise CheckpointError(f"--model {spec}: not found; give a run folder, an export folder (config.json + "
+                          f"{WEIGHTS_NAME}) or a weights file")
+
+
+def load_predictor(spec: str | Path, test_prior: str | None = None, device: torch.device | None = None) -> Predictor:
+    """The classifier of ``spec`` in eval mode on ``device``, with the logit adjustment for ``test_prior``."""
+    config, weights = load_config_and_weights(spec)
+    if not config.get("num_classes"):
+        raise CheckpointError(f"--model {spec}: an MGP encoder (num_classes 0) has no classifier; predict with a "
+                              "BFT (finetune) run or its export")
+    model = build_timm_model(config)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--model {spec}: weights do not fit {config['architecture']} with "
+                              f"{config.get('model_args')}: {str(exc)[:600]}") from None
+    adjustment = torch.zeros(config["num_classes"])
+    if test_prior:
+        livt = config["livt"]
+        prior = resolve_prior(test_prior, livt["class_counts"], config["label_names"])
+        loss = livt["loss"]
+        adjustment = prior_adjustment(livt["class_counts"], loss["name"], prior, tau=loss["tau"],
+                                      loss_test_prior=loss.get("test_prior"))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Predictor(model.to(device).eval(), config, adjustment.to(device))
+
+
+def predictor_transform(config: dict[str, Any]) -> Callable:
+    """The eval transform of the export's pretrained_cfg (what timm's resolve_data_config + create_transform give)."""
+    cfg = config["pretrained_cfg"]
+    return eval_transform(int(cfg["input_size"][-1]), cfg["mean"], cfg["std"], cfg["crop_pct"])
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def collect_inputs(inputs: Sequence[str], split: str = "val") -> tuple[list[str], list[str]]:
+    """(image paths, .tar shard paths) from files, folders, text lists and shard sets; unknown paths stay in the
+    image list, so that they get an error line."""
+    files: list[str] = []
+    tars: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and (path / "meta.json").is_file():
+            tars += shard_paths(path, split)
+        elif path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix == ".tar":
+            tars.append(str(path))
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            files += _read_list(path)
+        else:
+            files.append(str(path))
+    return files, tars
+
+
+def _read_list(path: Path) -> list[str]:
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        head, _, tail = line.rpartition(" ")
+        entry = head.strip() if head and tail.lstrip("-").isdigit() else line
+        out.append(entry if Path(entry).is_absolute() else str(path.parent / entry))
+    return out
+
+
+Item = tuple[str, "torch.Tensor | None", str]  # (name, image [3, H, W] or None, error message or "")
+
+
+def _prepare(name: str, load: Callable[[], Image.Image], transform: Callable) -> Item:
+    try:
+        image = load()
+    except Exception as exc:  # noqa: BLE001 - any unreadable input becomes an error line, never a crash
+        return name, None, f"{type(exc).__name__}: {exc}"
+    return name, transform(image), ""  # transform errors are bugs, not bad input: they propagate
+
+
+def _open_file(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """Image files in order; item ``(path, image or None, error)``."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Item:
+        path = self.paths[index]
+        return _prepare(path, lambda: _open_file(path), self.transform)
+
+
+class ShardImages(IterableDataset):
+    """Samples of .tar shards (shard i read by worker i % W); item ``("shard.tar#key", image or None, error)``."""
+
+    def __init__(self, tars: Sequence[str], transform: Callable) -> None:
+        self.tars, self.transform = list(tars), transform
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for url in self.tars[worker::workers]:
+            try:
+                for sample in read_tar_samples(url):
+                    name = f"{url}#{sample.get('__key__')}"
+                    yield _prepare(name, lambda s=sample: decode_image(s[image_key(s)]), self.transform)
+            except Exception as exc:  # noqa: BLE001 - an unreadable shard is reported, the others still run
+                yield url, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items: list[Item]) -> tuple[list[str], torch.Tensor | None, list[str]]:
+    images = [image for _, image, _ in items if image is not None]
+    return [n for n, _, _ in items], torch.stack(images) if images else None, [e for _, _, e in items]
+
+
+# ------------------------------------------------------------------------------------------------ running
+class _Writer:
+    """JSONL or CSV lines, by the output's suffix."""
+
+    def __init__(self, path: Path, top_k: int) -> None:
+        if path.suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"--output {path}: use a .jsonl or .csv file name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.csv = csv.writer(self.file) if path.suffix == ".csv" else None
+        if self.csv is not None:
+            ranks = [f"{what}_{i}" for i in range(1, top_k + 1) for what in ("class", "prob")]
+            self.csv.writerow(["path", *ranks, "error"])
+        self.top_k = top_k
+
+    def write(self, name: str, top: list[tuple[str, int, float]] | None, error: str) -> None:
+        if self.csv is not None:
+            cells = [c for n, _, p in (top or []) for c in (n, f"{p:.6f}")]
+            cells += [""] * (2 * self.top_k - len(cells))
+            self.csv.writerow([name, *cells, error])
+        elif error:
+            self.file.write(json.dumps({"path": name, "error": error}) + "\n")
+        else:
+            line = {"path": name, "top_k": [{"class": n, "index": i, "prob": p} for n, i, p in top or []]}
+            self.file.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@torch.no_grad()
+def predict_batch(predictor: Predictor, images: torch.Tensor, top_k: int) -> list[list[tuple[str, int, float]]]:
+    """Top-k ``(class name, index, probability)`` per image of a ``[B, 3, H, W]`` batch (fp32 softmax)."""
+    device = predictor.adjustment.device
+    logits = predictor.model(images.to(device, non_blocking=True)).float() + predictor.adjustment
+    probs, index = torch.softmax(logits, dim=1).topk(min(top_k, logits.shape[1]), dim=1)
+    names = predictor.class_names
+    return [[(names[i], i, p) for i, p in zip(row_i, row_p, strict=True)]
+            for row_i, row_p in zip(index.cpu().tolist(), probs.cpu().tolist(), strict=True)]
+
+
+def run_predict(
+    model: str,
+    inputs: Sequence[str],
+    output: str | Path,
+    *,
+    top_k: int = 5,
+    test_prior: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    split: str = "val",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict every input image and write one line per image; returns counts and the output path."""
+    if top_k < 1 or batch_size < 1 or num_workers < 0:
+        raise ValueError(f"--top-k {top_k}, --batch-size {batch_size}, --workers {num_workers}: need k >= 1, "
+                         "batch >= 1, workers >= 0")
+    predictor = load_predictor(model, test_prior)
+    files, tars = collect_inputs(inputs, split)
+    if not files and not tars:
+        raise ValueError(f"--input {' '.join(inputs)}: no images found")
+    transform = predictor_transform(predictor.config)
+    datasets = [d for d in (ImageFiles(files, transform) if files else None,
+                            ShardImages(tars, transform) if tars else None) if d is not None]
+    writer = _Writer(Path(output), top_k)
+    counts = {"images": 0, "errors": 0}
+    from tqdm import tqdm
+
+    total = len(files) + sum(_shard_size_hint(t) for t in tars)
+    bar = tqdm(total=total or None, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+    try:
+        for dataset in datasets:
+            workers = min(num_workers, len(tars)) if isinstance(dataset, ShardImages) else num_workers
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                pin_memory=torch.cuda.is_available())
+            for names, images, errors in loader:
+                tops = iter(predict_batch(predictor, images, top_k)) if images is not None else iter(())
+                for name, error in zip(names, errors, strict=True):
+                    writer.write(name, None if error else next(tops), error)
+                    counts["errors" if error else "images"] += 1
+                bar.update(len(names))
+    finally:
+        bar.close()
+        writer.close()
+    return {**counts, "output": str(output)}
+
+
+def _shard_size_hint(url: str) -> int:
+    """Samples in a shard from its shard set's meta.json (0 when unknown: the bar then counts without a total)."""
+    meta_path = Path(url).parent / "meta.json"
+    if not meta_path.is_file():
+        return 0
+    meta = json.loads(meta_path.read_text())
+    for info in meta.get("splits", {}).values():
+        if Path(url).name in info.get("shards", []):
+            return int(info["shard_sizes"][info["shards"].index(Path(url).name)])
+    return 0
+
+
+def default_workers() -> int:
+    import os
+
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+__all__ = ["Predictor", "load_predictor", "load_config_and_weights", "collect_inputs", "predict_batch", "run_predict",
+           "predictor_transform", "default_workers"]

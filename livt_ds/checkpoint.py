@@ -136,7 +136,9 @@ def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
     files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
     if not files:
         raise CheckpointError(f"{tag_dir}: no *model_states.pt; not a livt/DeepSpeed checkpoint")
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    from livt_ds.safe_load import load_torch_file
+
+    states = load_torch_file(files[0])
     recipe = states.get("recipe")
     return recipe if isinstance(recipe, dict) else None
 

@@ -9,6 +9,7 @@ Exports: ``model.safetensors`` + ``config.json`` in timm's hub layout (livt_ds/h
 from __future__ import annotations
 
 import glob
+import json
 import random
 import re
 import shutil
@@ -198,6 +199,29 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return consolidate(*found)
 
 
+def weights_provenance(path: str | Path) -> dict[str, Any]:
+    """Where the weights behind ``path`` (as ``load_weights`` resolves it) were trained: run folder, checkpoint
+    tag and the sha256 of the recipe they were trained with, so a metrics.json can be traced to its weights."""
+    from livt_ds.provenance import model_provenance
+
+    path = Path(path)
+    folders = [path.parent] if path.is_file() else [path / "export", path]
+    for folder in folders:
+        config = folder / "config.json"
+        if config.is_file() and any((folder / name).is_file() for name in WEIGHT_FILES):
+            livt = json.loads(config.read_text()).get("livt", {})
+            info = livt.get("provenance") or model_provenance(None, livt.get("tag"), livt.get("recipe"))
+            return {**info, "weights": str(path.resolve())}
+    if path.is_file():
+        return {**model_provenance(None, None, None), "weights": str(path.resolve())}
+    found = find_resume(path, str(path))
+    if found is None:
+        raise CheckpointError(f"{path}: not a run folder, checkpoint or export")
+    ckpt_dir, tag = found
+    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else None
+    return {**model_provenance(run_dir, tag, saved_recipe(ckpt_dir / tag)), "weights": str(path.resolve())}
+
+
 def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
     """timm hub config.json of a run: model from its recipe, class names and counts from its shard set."""
     from livt_ds.config import recipe_from_dict
@@ -224,6 +248,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     """Write ``model.safetensors`` + ``config.json`` (timm's hub layout: the classifier, or the encoder of an MGP
     run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights."""
     from livt_ds.hub import model_weights, write_export
+    from livt_ds.provenance import model_provenance
     from livt_ds.safe_load import weights_only_loading
 
     run_dir = Path(run_dir)
@@ -233,6 +258,8 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     if tag is None:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest'); has the run saved one?")
     config = run_export_config(run_dir, tag)
+    trained_with = saved_recipe(ckpt_dir / tag) or config["livt"]["recipe"]
+    config["livt"]["provenance"] = model_provenance(run_dir, tag, trained_with)
     with weights_only_loading(ckpt_dir / tag):
         state = consolidate(ckpt_dir, tag)
     stage = config["livt"]["stage"]
@@ -240,7 +267,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     payload = {"recipe": config["livt"]["recipe"], "stage": stage, "tag": tag,
                "num_classes": len(config["livt"]["class_counts"]), "class_names": config.get("label_names"),
                "class_counts": config["livt"]["class_counts"], "mean": config["pretrained_cfg"]["mean"],
-               "std": config["pretrained_cfg"]["std"]}
+               "std": config["pretrained_cfg"]["std"], "provenance": config["livt"]["provenance"]}
     torch.save({**payload, "model": state}, output / "model.pt")
     written.append(output / "model.pt")
     if stage == "pretrain":

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from livt_ds import dist
-from livt_ds.checkpoint import CheckpointError
+from livt_ds.checkpoint import CheckpointError, weights_provenance
 from livt_ds.config import ConfigError, Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.shards import load_meta
@@ -46,6 +46,7 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
                          batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
                          rank=dist.rank(), world_size=dist.world_size())
     result = task.evaluate(forward, model, loader, lambda x: x.to(device, non_blocking=True))
+    result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output / "config.yaml")

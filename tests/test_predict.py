@@ -197,6 +197,8 @@ def test_eval_prints_the_test_prior_table_equal_to_the_engines(pipeline_runs, to
     assert "forward-50" in result.stdout and "backward-50" in result.stdout and "adjusted" in result.stdout
     plain = json.loads((out / "metrics.json").read_text())
     engine = json.loads((pipeline_runs / "bft" / "metrics.json").read_text())  # 2 ranks, gathered
+    exported = json.loads((pipeline_runs / "bft" / "export" / "config.json").read_text())["livt"]["provenance"]
+    assert plain["provenance"] == {**exported, "weights": str((pipeline_runs / "bft" / "export").resolve())}
     table = plain["test_priors"]
     assert list(table)[:11] == ["backward-50", "backward-25", "backward-10", "backward-5", "backward-2", "uniform",
                                 "forward-2", "forward-5", "forward-10", "forward-25", "forward-50"]

@@ -203,3 +203,19 @@ def test_a_second_launch_is_refused_and_a_killed_runs_lock_does_not_block_resume
     assert history[1]["start_step"] == step and history[2] == {**history[2], "end_step": step + 1,
                                                                 "reason": "stop_after_steps"}
     assert not (run / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_exports_and_evaluations_name_the_weights_they_came_from(pipeline_runs):
+    from livt_ds.checkpoint import saved_recipe, weights_provenance
+    from livt_ds.provenance import recipe_digest
+
+    bft = pipeline_runs / "bft"
+    tag = (bft / "checkpoints" / "latest").read_text().strip()
+    trained_with = saved_recipe(bft / "checkpoints" / tag)
+    expected = {"run": str(bft.resolve()), "checkpoint_tag": tag, "recipe_sha256": recipe_digest(trained_with)}
+    assert trained_with["loss"]["name"] == "bal_bce"
+    assert json.loads((bft / "export" / "config.json").read_text())["livt"]["provenance"] == expected
+    assert weights_provenance(bft) == {**expected, "weights": str(bft.resolve())}  # through its export
+    ckpts = bft / "checkpoints"
+    assert weights_provenance(ckpts) == {**expected, "weights": str(ckpts.resolve())}  # straight from the checkpoint

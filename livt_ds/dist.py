@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -65,9 +66,24 @@ def init_distributed() -> str:
         import deepspeed
 
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=30))
+        _remove_shm_buffer_name()
     if _CONTROL_GROUP is None:
         _CONTROL_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return launcher
+
+
+def _remove_shm_buffer_name() -> None:
+    """DeepSpeed's CPU all-reduce puts a ~69 MB buffer per rank in /dev/shm and never removes it, so every CPU run
+    would leave its buffers behind (in memory) until a reboot. Once every rank has mapped its peers' buffers (done
+    inside init_distributed; the barrier makes sure all ranks are past it) the names are no longer needed: the
+    mappings live on until the processes exit, and nothing is left after them, even after a kill -9."""
+    if torch.cuda.is_available() or not dist.is_initialized():
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def rank() -> int:

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,36 +21,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def discover_launcher_env() -> str:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from whichever launcher started us; return its name.
+def launcher_settings(env: Mapping[str, str], free_port: Callable[[], int] = _free_port) -> tuple[str, dict[str, str]]:
+    """Which launcher started this process, and the RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
+    values torch.distributed needs, from the launcher's variables in ``env`` (a pure function of ``env``).
 
-    The deepspeed launcher and torchrun set them already. Under MPI (mpirun) and SLURM (srun) we translate
-    their variables. A plain process becomes a world of one on a free local port.
+    The deepspeed launcher and torchrun set them already. Under MPI (mpirun: Open MPI or PMI/MPICH) and SLURM
+    (srun) their variables are translated. A plain process becomes a world of one on a free local port.
+    Values already in ``env`` for LOCAL_RANK / MASTER_ADDR / MASTER_PORT are kept. Returns (name, variables).
     """
-    env = os.environ
+    out: dict[str, str] = {}
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "deepspeed/torchrun"
+        out.update(RANK=env["RANK"], WORLD_SIZE=env["WORLD_SIZE"])
     elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
         launcher = "mpi"
-        env["RANK"] = env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", "0"))
-        env["WORLD_SIZE"] = env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", "1"))
-        env.setdefault("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0")))
+        out["RANK"] = env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", "0"))
+        out["WORLD_SIZE"] = env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", "1"))
+        local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0"))
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", local)
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         launcher = "slurm"
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        out.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"])
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
     else:
         launcher = "single process"
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    env.setdefault("LOCAL_RANK", "0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", "29500")
+        out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        out["MASTER_PORT"] = env["MASTER_PORT"] if "MASTER_PORT" in env else str(free_port())
+    out.setdefault("LOCAL_RANK", env.get("LOCAL_RANK", "0"))
+    out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
+    out.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
+    return launcher, out
+
+
+def discover_launcher_env() -> str:
+    """Fill os.environ from :func:`launcher_settings` (whichever launcher started us); return its name."""
+    launcher, values = launcher_settings(os.environ)
+    os.environ.update(values)
     if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: gloo, no CUDA ops
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: gloo, no CUDA ops
     return launcher
 
 

@@ -163,3 +163,68 @@ def test_shipped_recipes_give_each_stage_its_betas_through_the_shipped_json():
         for ds_path in sorted((REPO / "ds_configs").glob("*.json")):
             out = resolve_ds_config(load_ds_config(ds_path), recipe, world=2)
             assert out["optimizer"]["params"]["betas"] == recipe.train.betas, (path.name, ds_path.name)
+
+
+# the README's table of ds_configs/: stage, bf16, fp32 gradient accumulation, optimizer offload
+SHIPPED_DS = {
+    "cpu_fp32.json": {"stage": 2, "bf16": False, "grad_accum_dtype": None, "offload": None},
+    "zero1_bf16.json": {"stage": 1, "bf16": True, "grad_accum_dtype": None, "offload": None},
+    "zero2_bf16.json": {"stage": 2, "bf16": True, "grad_accum_dtype": "fp32", "offload": None},
+    "zero3_bf16.json": {"stage": 3, "bf16": True, "grad_accum_dtype": "fp32", "offload": None},
+    "zero2_offload_bf16.json": {"stage": 2, "bf16": True, "grad_accum_dtype": "fp32", "offload": "cpu"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_DS))
+def test_shipped_ds_configs_are_what_the_readme_says(name):
+    ds = load_ds_config(REPO / "ds_configs" / name)
+    want = SHIPPED_DS[name]
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == want["stage"]
+    assert bool(ds.get("bf16", {}).get("enabled", False)) is want["bf16"]
+    assert not ds.get("fp16", {}).get("enabled", False)
+    assert ds.get("data_types", {}).get("grad_accum_dtype") == want["grad_accum_dtype"]
+    assert (zero.get("offload_optimizer") or {}).get("device") == want["offload"]
+    assert "offload_param" not in zero
+    opt = ds["optimizer"]
+    assert opt["type"] == "AdamW" and opt["params"]["lr"] == "auto" and opt["params"]["weight_decay"] == 0.05
+    assert opt["params"]["betas"] == "auto"  # from the recipe's train.betas
+    assert "scheduler" not in ds
+
+
+def test_shipped_ds_configs_are_all_listed():
+    assert sorted(p.name for p in (REPO / "ds_configs").glob("*.json")) == sorted(SHIPPED_DS)
+
+
+# (model, img_size, patch, effective batch, blr) of the large-scale recipes: iNat18 MGP at 128 px, BFT at 224
+SHIPPED_RECIPES = {
+    "mgp_vit_base_imagenet_lt": ("vit_base", 224, 16, 4096, 1.5e-4),
+    "mgp_vit_base_inat18": ("vit_base", 128, 16, 4096, 1.5e-4),
+    "mgp_vit_base_imagenet1k": ("vit_base", 224, 16, 4096, 1.5e-4),
+    "mgp_vit_large_imagenet_lt": ("vit_large", 224, 16, 4096, 1.5e-4),
+    "mgp_vit_large_inat18": ("vit_large", 128, 16, 4096, 1.5e-4),
+    "bft_vit_base_imagenet_lt": ("vit_base", 224, 16, 1024, 1e-3),
+    "bft_vit_base_inat18": ("vit_base", 224, 16, 1024, 1e-3),
+    "bft_vit_base_places_lt": ("vit_base", 224, 16, 1024, 1e-3),
+    "bft_vit_base_cifar100_lt": ("vit_base", 224, 16, 1024, 1e-3),
+    "bft_vit_large_imagenet_lt": ("vit_large", 224, 16, 1024, 1e-3),
+    "bft_vit_large_inat18": ("vit_large", 224, 16, 1024, 1e-3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_RECIPES))
+def test_shipped_recipes_have_their_sizes_and_resolve_for_8_gpus(name):
+    recipe = load_recipe(REPO / "configs" / f"{name}.yaml")
+    model, img, patch, batch, blr = SHIPPED_RECIPES[name]
+    assert (recipe.model.name, recipe.model.img_size, recipe.model.patch_size) == (model, img, patch)
+    assert (recipe.train.batch_size, recipe.train.blr) == (batch, blr)
+    if name.startswith("bft"):
+        # Places-LT and CIFAR-100-LT fine-tune from MGP on ImageNet-1K, as in the paper
+        mgp = "mgp_vit_base_imagenet1k" if name.endswith(("places_lt", "cifar100_lt")) else name.replace("bft", "mgp", 1)
+        assert recipe.loss.name == "bal_bce" and recipe.model.init == f"runs/{mgp}"
+        assert recipe.train.layer_decay == 0.75
+    for ds_name in ("zero2_bf16.json", "zero3_bf16.json", "zero2_offload_bf16.json"):
+        out = resolve_ds_config(load_ds_config(REPO / "ds_configs" / ds_name), recipe, world=8)
+        micro, accum = out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]
+        assert out["train_batch_size"] == batch == micro * accum * 8 and micro == recipe.train.micro_batch
+        assert out["optimizer"]["params"]["lr"] == pytest.approx(blr * batch / 256)

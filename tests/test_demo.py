@@ -38,6 +38,7 @@ def train_samples() -> list[tuple[str, bytes, int]]:
 
 def test_train_counts_follow_exponential_profile() -> None:
     counts = demo.demo_class_counts("train")
+    assert counts == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5] and sum(counts) == 1236  # as the README states
     c = demo.DEMO_NUM_CLASSES
     assert c >= 10 and len(demo.DEMO_CLASSES) == c == len(set(demo.DEMO_CLASSES))
     assert counts == [int(demo.DEMO_N_MAX * demo.DEMO_GAMMA ** (-i / (c - 1))) for i in range(c)]

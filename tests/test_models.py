@@ -240,8 +240,17 @@ def test_pos_embed_interpolation_8x8_to_14x14() -> None:
     load_encoder_weights(clf, mae.state_dict())
     assert clf.pos_embed.shape == (1, 1 + 14 * 14, 32)
     assert torch.equal(clf.pos_embed[:, 0], mae.encoder.pos_embed[:, 0])
-    expected = interpolate_pos_embed(mae.encoder.pos_embed.detach(), (14, 14))
-    assert torch.allclose(clf.pos_embed, expected)
+    # the oracle written out: the 8x8 grid as a [1, D, 8, 8] image, bicubic with antialias (timm's/PIL's a=-0.5
+    # kernel), back to [1, 196, D]; the cls position is copied
+    grid = mae.encoder.pos_embed.detach()[:, 1:].reshape(1, 8, 8, 32).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False,
+                                              antialias=True)
+    expected = torch.cat([mae.encoder.pos_embed.detach()[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 196, 32)], 1)
+    torch.testing.assert_close(clf.pos_embed.detach(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(interpolate_pos_embed(mae.encoder.pos_embed.detach(), (14, 14)), expected, rtol=0,
+                               atol=1e-6)
+    plain = torch.nn.functional.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
+    assert not torch.allclose(resized, plain, atol=1e-4)  # the antialias choice is visible: the check can fail
     # interpolation is smooth: corners keep roughly their values, not a copy of the first 196 rows
     src = mae.encoder.pos_embed[0, 1:].reshape(8, 8, 32)
     dst = clf.pos_embed[0, 1:].reshape(14, 14, 32)

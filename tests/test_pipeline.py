@@ -136,10 +136,42 @@ def test_one_round_of_the_tape_splits_shards_across_ranks(sets):
     assert len(seen) == 16 and set(seen) == everything
 
 
-def test_default_nodesplitter_is_not_used(sets, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_default_nodesplitter_is_not_used(sets, monkeypatch, workers):
+    args = dict(rank=1, world_size=2, num_batches=3, num_workers=workers, transform=PIXELS)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    clean = train_batches(sets[5], **args)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
-    assert len(train_batches(sets[3], rank=1, world_size=2, num_batches=2)) == 2  # explicit rank, env ignored
+    with_env = train_batches(sets[5], **args)
+    assert len(with_env) == 3
+    assert same(with_env, clean)  # explicit rank: the launcher's variables change nothing
+    assert not same(with_env, train_batches(sets[5], **{**args, "rank": 3, "world_size": 4}))  # they could have
+
+
+def test_skipped_batches_are_dropped_before_decoding(sets, monkeypatch):
+    """Resuming at batch k decodes only the batches it yields: every PIL decode in this process is counted."""
+    import PIL.Image
+
+    opened, transformed = [], []
+    real_open = PIL.Image.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(1)
+        return real_open(*args, **kwargs)
+
+    def counting_transform(img):
+        transformed.append(1)
+        return PIXELS(img)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    full = train_batches(sets[3], num_batches=7, num_workers=0, transform=counting_transform)
+    assert len(opened) == len(transformed) == 7 * 4
+    opened.clear(), transformed.clear()
+    resumed = train_batches(sets[3], num_batches=7, num_workers=0, transform=counting_transform, skip_batches=5)
+    assert same(full[5:], resumed)
+    assert len(opened) == len(transformed) == 2 * 4  # not 7 x 4: the 5 skipped batches were never decoded
 
 
 def test_bad_arguments_say_what_is_wrong(sets):
@@ -169,6 +201,33 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     assert len(full) == 6 and all(x.shape[0] == 4 for x, _ in full)  # the hole is filled, batches stay full
     assert skipped_samples() > before
     assert same(full[4:], train_batches(shard_dir, num_batches=6, world_size=1, num_workers=0, skip_batches=4))
+
+
+def test_corrupt_sample_is_replaced_by_a_good_sample_of_its_batch(tmp_path):
+    """The hole left by a corrupt sample is filled with a repeat of a good sample of the same batch: identical
+    pixels and the matching label (not a zero image, not another batch's sample, not a wrong label)."""
+    shard_dir = make_shard_set(tmp_path / "bad", 12, 6)
+    rewrite_tar(shard_dir / "train-000001.tar", lambda name, data: data[:30] if name == "train_00000007.png" else data)
+    good = {}  # pixels -> label of every decodable stored sample
+    for url in shard_paths(shard_dir, "train"):
+        for sample in read_tar_samples(url):
+            if sample["__key__"] != "train_00000007":
+                good[PIXELS(decode_image(sample["png"])).numpy().tobytes()] = int(sample["cls"])
+    assert len(good) == 11
+    loader = train_loader(shard_dir, transform=PIXELS, batch_size=4, num_workers=0, seed=1, epoch=0, rank=0,
+                          world_size=1, num_batches=9, shuffle_buffer=8)
+    patched = 0
+    before = skipped_samples()
+    for images, labels in loader:
+        holes = skipped_samples() - before  # corrupt samples met while building this batch (in-process)
+        before += holes
+        keys = [x.numpy().tobytes() for x in images]
+        assert all(good.get(k) == int(y) for k, y in zip(keys, labels))  # every entry: a good sample, its label
+        n_good = len(images) - holes
+        for i in range(holes):  # the repeats sit at the end and copy the batch's own good samples in order
+            assert torch.equal(images[n_good + i], images[i % n_good]) and labels[n_good + i] == labels[i % n_good]
+        patched += holes
+    assert patched >= 1  # 36 draws of 12 samples: the corrupt one was met
 
 
 def test_transform_errors_propagate_instead_of_counting_as_corrupt(sets):

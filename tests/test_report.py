@@ -35,6 +35,14 @@ def test_per_class_plot_writes_png_with_none(tmp_path) -> None:
     path = report.plot_per_class_accuracy(per_class, COUNTS, tmp_path / "sub" / "per_class.png", title="demo")
     width, height = _open_png(path).size
     assert 600 <= width <= 2000 and 300 <= height <= 1200
+    # what is drawn: bars head -> tail (counts 500, 150, 80, 40, 12, 5 = classes 1, 3, 5, 2, 4, 0), the class
+    # without test samples (None) as a 0-height bar with an x marker above it, one bar series per run
+    ax = report.per_class_accuracy_figure(per_class, COUNTS).axes[0]
+    assert [b.get_height() for b in ax.containers[0]] == [95.0, 80.0, 60.0, 50.0, 0.0, 0.0]
+    assert [b.get_height() for b in ax.containers[1]] == [85.0, 75.0, 70.0, 60.0, 30.0, 40.0]
+    centres = [b.get_x() + b.get_width() / 2 for b in ax.containers[0]]
+    (marker,) = [line for line in ax.lines if line.get_marker() == "x"]
+    assert list(marker.get_xdata()) == pytest.approx([centres[4]]) and list(marker.get_ydata()) == [1.5]
 
 
 def test_per_class_plot_orders_head_to_tail_and_shades_groups() -> None:
@@ -57,6 +65,17 @@ def test_per_class_plot_many_classes_uses_running_means(tmp_path) -> None:
     per_class = {"bce": [float(v) for v in rng.uniform(0, 100, 100)], "bal_bce": [None] * 50 + [50.0] * 50}
     fig = report.per_class_accuracy_figure(per_class, counts)
     assert len(fig.axes[0].get_xticklabels()) <= 12
+    # the drawn running means, computed here: window 4 (100 // 25), positions j-2 .. j+1, classes without a value
+    # (None) left out of the mean, NaN where the window holds none
+    lines = {line.get_label(): np.asarray(line.get_ydata(), dtype=float) for line in fig.axes[0].lines}
+    for label, values in per_class.items():
+        (key,) = [name for name in lines if name.startswith(f"{label}:") and "running mean of 4" in name]
+        expected = []
+        for j in range(100):
+            window = [v for v in values[max(0, j - 2):j + 2] if v is not None]
+            expected.append(sum(window) / len(window) if window else math.nan)
+        np.testing.assert_allclose(lines[key], expected, rtol=1e-12, atol=1e-9, equal_nan=True)
+    assert np.isnan(lines[next(n for n in lines if n.startswith("bal_bce:"))][:48]).all()
     assert _open_png(report.save_figure(fig, tmp_path / "big.png")).size[0] >= 800
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from datafixtures import (
     image_bytes,
@@ -51,6 +53,12 @@ def test_imagefolder_counts_corrupt_file_and_shard_sizes(tmp_path):
     by_src = {json.loads(s["json"])["src"]: int(s["cls"]) for s in samples}
     assert by_src["train/ant/img0.jpg"] == 0 and by_src["train/dog/img1.jpg"] == 2
     assert len(meta["mean"]) == 3 and all(0 < v < 1 for v in meta["mean"] + meta["std"])
+    # recomputed from the stored training images (all 16x16, fewer than --stats-samples): per-channel mean and
+    # population std over every pixel on the 0-1 scale
+    pixels = np.concatenate([np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), np.float64).reshape(-1, 3)
+                             for s in samples]) / 255.0
+    assert meta["mean"] == pytest.approx(pixels.mean(0).tolist(), abs=1e-6)
+    assert meta["std"] == pytest.approx(pixels.std(0).tolist(), abs=1e-6)
     assert meta["image_stats"]["width"] == {"min": 16, "mean": 16.0, "max": 16}
     assert verify_shards(out, progress=False)[0]
 

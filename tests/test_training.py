@@ -33,6 +33,31 @@ def tb_tags(run: Path) -> set[str]:
     return tags
 
 
+def tb_scalars(run: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in (run / "tensorboard").glob("events.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def fp32_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of a ZeRO checkpoint straight from DeepSpeed's zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def eval_records(run: Path) -> list[dict]:
+    from conftest import read_jsonl
+
+    return [r for r in read_jsonl(run / "metrics.jsonl") if "eval/top1" in r or "eval/recon_loss" in r]
+
+
 def test_pretrain_writes_logs_checkpoints_and_reconstructions(pipeline_runs):
     mgp = pipeline_runs / "mgp"
     for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "metrics.json", "checkpoints/latest"):
@@ -57,6 +82,72 @@ def test_finetune_from_mgp_evaluates_and_keeps_best(pipeline_runs):
     assert (bft / "best_metrics.json").is_file()
     assert {"eval/top1", "eval/ece", "eval/per_class_accuracy", "eval/reliability", "loss"} <= tb_tags(bft)
     assert list((bft / "plots").glob("per_class_accuracy_*.png"))
+    # best_metrics.json is the evaluation with the highest top-1 (the first one on a tie), read from the log
+    evals = eval_records(bft)
+    assert [r["step"] for r in evals] == [3, 6]  # every epoch
+    best = max(evals, key=lambda r: (r["eval/top1"], -r["step"]))
+    saved_best = json.loads((bft / "best_metrics.json").read_text())
+    assert saved_best["step"] == best["step"] and saved_best["top1"] == pytest.approx(best["eval/top1"], abs=1e-9)
+    assert saved_best["few"] == pytest.approx(best["eval/few"], abs=1e-9)
+    assert metrics["step"] == 6 and metrics["top1"] == pytest.approx(evals[-1]["eval/top1"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def zero3_bft(pipeline_runs, toy_shards, tmp_path_factory):
+    """BFT from the MGP run on ZeRO-3, one step with lr 0 (so the weights stay exactly what model.init loaded),
+    evaluated on ZeRO-3 at that step, then exported."""
+    out = tmp_path_factory.mktemp("zero3")
+    ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
+    ds["zero_optimization"]["stage"] = 3
+    (out / "ds.json").write_text(json.dumps(ds))
+    run_livt(["finetune", "--config", "configs/tiny_bft.yaml", "--ds-config", str(out / "ds.json"), "--output",
+              str(out / "bft"), f"data.path={toy_shards}", f"model.init={pipeline_runs / 'mgp'}", "train.epochs=1",
+              "train.steps_per_epoch=1", "train.blr=0", "train.min_lr=0"])
+    run_livt(["export", str(out / "bft")], ranks=0)
+    return out / "bft"
+
+
+def test_finetune_loads_the_mgp_encoder_exactly(zero3_bft, pipeline_runs):
+    mgp_dir = pipeline_runs / "mgp" / "checkpoints"
+    mgp = fp32_weights(mgp_dir, (mgp_dir / "latest").read_text().strip())
+    from livt_ds.checkpoint import load_weights
+
+    bft = load_weights(zero3_bft / "export")  # the export folder (not the checkpoint)
+    shared = sorted(k for k in bft if f"encoder.{k}" in mgp)
+    trunk = [k for k in bft if k.startswith(("blocks.", "patch_embed.")) or k == "cls_token"]
+    assert trunk and set(trunk) <= set(shared)
+    for key in shared:  # lr 0: the BFT weights are the loaded MGP encoder, bit for bit
+        assert torch.equal(bft[key], mgp[f"encoder.{key}"].float()), key
+    assert {k for k in bft if k not in shared} <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias",
+                                                  "norm.weight", "norm.bias"}
+
+
+def test_zero3_evaluation_and_export(zero3_bft, toy_shards):
+    """The ZeRO-3 engine's evaluation (weights gathered in forward, 2 ranks) equals the exported weights run
+    on one process here: the same accuracy per class over the same 20 images."""
+    from livt_ds.checkpoint import load_weights
+    from livt_ds.data.pipeline import eval_loader
+    from livt_ds.data.transforms import eval_transform
+    from livt_ds.models.registry import build_classifier
+
+    model = build_classifier("vit_test", 32, 8, num_classes=4, global_pool="avg")
+    model.load_state_dict(load_weights(zero3_bft / "export"))  # strict: a complete ZeRO-3 consolidation
+    model.eval()
+    meta = json.loads((toy_shards / "meta.json").read_text())
+    loader = eval_loader(toy_shards, split="val", transform=eval_transform(32, meta["mean"], meta["std"]),
+                         batch_size=7, num_workers=0, rank=0, world_size=1)
+    correct, seen = torch.zeros(4), torch.zeros(4)
+    with torch.no_grad():
+        for images, labels in loader:
+            hits = (model(images).argmax(1) == labels).float()
+            correct.index_add_(0, labels, hits)
+            seen.index_add_(0, labels, torch.ones_like(hits))
+    engine = json.loads((zero3_bft / "metrics.json").read_text())
+    assert engine["num_samples"] == int(seen.sum()) == 20
+    assert engine["top1"] == pytest.approx(100 * float(correct.sum() / seen.sum()), abs=1e-6)
+    assert engine["per_class"] == pytest.approx((100 * correct / seen).tolist(), abs=1e-6)
+    ds = json.loads((zero3_bft / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
 
 
 def test_export_loads_without_deepspeed_and_matches_engine_eval(pipeline_runs, toy_shards, tmp_path):
@@ -76,6 +167,17 @@ def test_export_loads_without_deepspeed_and_matches_engine_eval(pipeline_runs, t
     for key in ("top1", "many", "medium", "few"):
         assert plain[key] == pytest.approx(engine[key], abs=1e-6), key
     assert plain["ece"] == pytest.approx(engine["ece"], abs=1e-3)
+    # livt eval's TensorBoard scalars and images, and its plots
+    ev = tmp_path / "eval"
+    assert {"eval/top1", "eval/few", "eval/ece", "eval/per_class_accuracy", "eval/reliability"} <= tb_tags(ev)
+    for key in ("top1", "many", "medium", "few", "ece", "mce"):  # a null group (no class > 100 images) is not logged
+        want = {} if plain[key] is None else {0: pytest.approx(plain[key], rel=1e-6, abs=1e-6)}
+        assert tb_scalars(ev, f"eval/{key}") == want, key
+    from PIL import Image
+
+    for name in ("per_class_accuracy", "reliability"):
+        with Image.open(ev / "plots" / f"{name}_step00000000.png") as image:
+            assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 200
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -99,10 +201,48 @@ def test_resume_follows_the_uninterrupted_run(toy_shards, tmp_path, stage):
 
         shutil.copytree(tmp_path / "part" / "checkpoints", out / "checkpoints")
         (out / "checkpoints" / "latest").write_text("step00000002")
-        run_livt(["pretrain", *args, "--output", str(out), "train.batch_size=16", "--resume", "auto"], ranks=0)
+        # one step with lr 0 after the resume: the weights must come out exactly as the 2-rank run saved them
+        run_livt(["pretrain", *args, "--output", str(out), "train.batch_size=16", "train.blr=0", "train.min_lr=0",
+                  "train.stop_after_steps=3", "checkpoint.keep_last=10", "--resume", "auto"], ranks=0)
         resumed = train_losses(out)
-        assert sorted(resumed) == [3, 4, 5, 6]
+        assert sorted(resumed) == [3]
         assert all(abs(resumed[s] - full[s]) < 0.5 * abs(full[s]) + 1e-3 for s in resumed)
+        check_exact_carry_over(tmp_path / "part" / "checkpoints", out / "checkpoints",
+                               betas=tuple(ds["optimizer"]["params"]["betas"]))
+
+
+def check_exact_carry_over(two_rank: Path, one_rank: Path, betas: tuple[float, float]) -> None:
+    """Weights bit for bit (2-rank step 2 -> universal -> 1-rank step 3 at lr 0), and Adam's moments: the 1-rank
+    step-3 moments must be one Adam update of the 2-rank step-2 moments (m3 = b1 m2 + (1 - b1) g,
+    v3 = b2 v2 + (1 - b2) g^2 for one g); moments restarted from zero would not fit."""
+    before = fp32_weights(two_rank, "step00000002")
+    after = fp32_weights(one_rank, "step00000003")
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    universal = one_rank / "step00000002_universal" / "zero"
+    states = torch.load(next(one_rank.glob("step00000003/*mp_rank_00_model_states.pt")), weights_only=False)
+    optim = torch.load(next(one_rank.glob("step00000003/*optim_states.pt")), weights_only=False)
+    base = optim["optimizer_state_dict"]["base_optimizer_state"]
+    assert len(list(one_rank.glob("step00000003/*optim_states.pt"))) == 1
+    b1, b2 = betas
+    for index, shapes in enumerate(states["param_shapes"]):  # optimizer group order, parameter names
+        def flat(kind: str, names=shapes) -> torch.Tensor:
+            parts = []
+            for name in names:
+                saved = torch.load(universal / name / f"{kind}.pt", weights_only=False)
+                parts.append((saved["param"] if isinstance(saved, dict) else saved).flatten().float())
+            return torch.cat(parts)
+
+        torch.testing.assert_close(flat("fp32"), torch.cat([before[n].flatten() for n in shapes]), rtol=0, atol=0)
+        m2, v2 = flat("exp_avg"), flat("exp_avg_sq")
+        state = base["state"][index]
+        m3, v3 = state["exp_avg"][: m2.numel()].float(), state["exp_avg_sq"][: v2.numel()].float()
+        assert m2.abs().max() > 0 and v2.max() > 0  # the 2-rank moments are not trivial
+        grad = (m3.double() - b1 * m2.double()) / (1 - b1)
+        expected_v3 = b2 * v2.double() + (1 - b2) * grad**2
+        torch.testing.assert_close(v3.double(), expected_v3, rtol=2e-3, atol=1e-6 * float(v3.max()))
+        assert int(torch.as_tensor(state["step"]).max()) == 3
 
 
 def test_two_node_launch_on_one_machine(toy_shards, tmp_path):
@@ -124,27 +264,85 @@ def test_two_node_launch_on_one_machine(toy_shards, tmp_path):
     assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3]
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(toy_shards, tmp_path):
-    """Preemption: SIGTERM to every process of the job (as SLURM does) -> a checkpoint, then --resume auto."""
-    out = tmp_path / "run"
+def start_long_run(out: Path, toy_shards: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "livt_ds", "pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}",
            "train.epochs=200", "eval.every=0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+
+
+def wait_for_steps(out: Path, n: int) -> int:
+    """Wait until ``n`` optimizer steps are logged; return how many are logged now."""
     deadline = time.time() + 300
-    while time.time() < deadline and len(train_losses(out) if (out / "metrics.jsonl").is_file() else {}) < 2:
+    while time.time() < deadline and len(train_losses(out) if (out / "metrics.jsonl").is_file() else {}) < n:
         time.sleep(0.5)
+    logged = len(train_losses(out))
+    assert logged >= n, "the run did not start"
+    return logged
+
+
+def check_saved_on_sigterm(out: Path, log: str, logged_at_signal: int) -> int:
+    """The checkpoint of a preempted run: written by both ranks at the last logged step, at most the step in
+    flight after the signal, and named by ``latest``."""
+    shown = "\n".join(line for line in log.splitlines() if "rank1]" not in line)[-6000:]
+    assert (out / "checkpoints" / "latest").is_file(), shown
+    saved = int((out / "checkpoints" / "latest").read_text().strip()[4:])
+    assert saved == max(train_losses(out)), shown  # no step after the checkpoint, none lost before it
+    assert logged_at_signal <= saved <= logged_at_signal + 2 < 600, shown  # stopped at once, not at the end
+    assert len(list((out / "checkpoints" / f"step{saved:08d}").glob("*optim_states.pt"))) == 2  # both ranks saved
+    assert f"SIGTERM: saved a checkpoint at step {saved}" in log
+    return saved
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(toy_shards, tmp_path):
+    """Preemption: SIGTERM to every process of the job (as SLURM does) -> a checkpoint, then --resume auto."""
+    out = tmp_path / "run"
+    proc = start_long_run(out, toy_shards)
+    logged = wait_for_steps(out, 2)
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempting the job signals all of its processes
     log = proc.communicate(timeout=120)[0]
-    tags = [p.name for p in (out / "checkpoints").glob("step*")]
-    assert tags, "\n".join(line for line in log.splitlines() if "rank1]" not in line)[-6000:]
-    saved = int((out / "checkpoints" / "latest").read_text().strip()[4:])
-    assert 0 < saved < 600
+    # the single-node deepspeed runner has no SIGTERM handler: the job ends as terminated by the signal (not with
+    # a crash code), after the ranks have saved
+    assert proc.returncode == -signal.SIGTERM, log[-3000:]
+    saved = check_saved_on_sigterm(out, log, logged)
     result = run_livt(["pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}", "train.epochs=200",
                        "eval.every=0", f"train.stop_after_steps={saved + 2}"])
-    assert "resumed from" in result.stdout + result.stderr
+    assert f"resumed from {out / 'checkpoints' / f'step{saved:08d}'} at step {saved}" in result.stdout + result.stderr
     assert max(train_losses(out)) == saved + 2
+
+
+def rank_pid(out: Path, local_rank: int) -> int:
+    """The pid of training rank ``local_rank`` of the run writing to ``out`` (not its DataLoader workers)."""
+    def cmdline(pid: str) -> str:
+        try:
+            return (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    def parent(pid: str) -> str:
+        try:
+            return (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            return ""
+
+    mine = [pid for pid in os.listdir("/proc") if pid.isdigit() and f"--local_rank={local_rank}" in cmdline(pid)
+            and str(out) in cmdline(pid)]
+    ranks = [pid for pid in mine if parent(pid) not in mine]  # workers are forks of the rank
+    assert len(ranks) == 1, ranks
+    return int(ranks[0])
+
+
+def test_sigterm_to_one_rank_only_stops_every_rank_with_a_checkpoint(toy_shards, tmp_path):
+    """SIGTERM to rank 1 alone (rank 0 never sees it): the ranks agree through the all-reduce, both save the same
+    step and exit cleanly, and the launcher exits 0."""
+    out = tmp_path / "run"
+    proc = start_long_run(out, toy_shards)
+    logged = wait_for_steps(out, 2)
+    os.kill(rank_pid(out, 1), signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    check_saved_on_sigterm(out, log, logged)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torchvision import transforms as T
 from livt_ds.data.transforms import bft_transform, build_mixup, default_crop_pct, eval_transform, mgp_transform
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+TINY_BFT = Path(__file__).resolve().parents[1] / "configs" / "tiny_bft.yaml"
 
 
 def flat_image(color=(102, 128, 153), size=(40, 30)) -> Image.Image:
@@ -47,6 +50,44 @@ def test_bft_uses_rand_augment_and_pixel_erasing():
     plain = bft_transform(32, MEAN, STD, rand_augment=None, re_prob=0.0)
     assert "RandAugment" not in {type(t).__name__ for t in ops(plain)}
     assert "RandomErasing" not in {type(t).__name__ for t in ops(plain)}
+
+
+INCREASING_OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                  "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                  "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+
+
+def rand_augment_of(transform) -> RandAugment:
+    (ra,) = [t for t in ops(transform) if isinstance(t, RandAugment)]
+    return ra
+
+
+def test_bft_rand_augment_is_m9_mstd05_two_layers_increasing_ops():
+    """rand-m9-mstd0.5-inc1: 2 ops per image from the 15 'increasing' ops, magnitude 9 with std 0.5, p 0.5 each."""
+    ra = rand_augment_of(bft_transform(32, MEAN, STD))
+    assert ra.num_layers == 2 and ra.choice_weights is None
+    assert [op.name for op in ra.ops] == INCREASING_OPS
+    assert {(op.magnitude, op.magnitude_std, op.prob) for op in ra.ops} == {(9, 0.5, 0.5)}
+    erasing = next(t for t in ops(bft_transform(32, MEAN, STD)) if isinstance(t, RandomErasing))
+    assert (erasing.min_count, erasing.max_count) == (1, 1)
+    # the recipe's string is what is built: another setting gives other ops, magnitude and layers
+    other = rand_augment_of(bft_transform(32, MEAN, STD, rand_augment="rand-m5-n3"))
+    assert other.num_layers == 3 and {(op.magnitude, op.magnitude_std) for op in other.ops} == {(5, 0)}
+    assert "PosterizeIncreasing" not in [op.name for op in other.ops]
+
+
+def test_bft_task_builds_the_recipes_augmentation():
+    from livt_ds.config import load_recipe
+    from livt_ds.tasks import FinetuneTask
+
+    meta = {"class_counts": [5, 3], "num_classes": 2, "mean": list(MEAN), "std": list(STD)}
+    task = FinetuneTask(load_recipe(TINY_BFT, ["augment.rand_augment=rand-m7-n1-mstd0.25",
+                                                                "augment.re_prob=0.4"]), meta)
+    tf = task.train_transform()
+    ra = rand_augment_of(tf)
+    assert ra.num_layers == 1 and {(op.magnitude, op.magnitude_std) for op in ra.ops} == {(7, 0.25)}
+    assert next(t for t in ops(tf) if isinstance(t, RandomErasing)).probability == 0.4
+    assert rand_augment_of(FinetuneTask(load_recipe(TINY_BFT), meta).train_transform()).num_layers == 2
 
 
 def test_bft_posterize_at_full_magnitude_works():

@@ -1,0 +1,94 @@
+"""The commands the README names besides training: `livt shard`, scripts/bench_data.py, and
+scripts/launch_multinode.sh (a dry run: the deepspeed command it builds, with `deepspeed` replaced on PATH)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_image_folder
+
+from livt_ds.cli import main as livt_main
+from livt_ds.data.make_shards import main as make_shards_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_livt_shard_is_make_shards(tmp_path):
+    raw = make_image_folder(tmp_path / "raw", train_counts=(6, 3), val_per_class=2)
+    args = ["--source", "imagefolder", "--input", str(raw), "--shard-size", "4", "--workers", "1", "--no-progress"]
+    assert livt_main(["shard", *args, "--output", str(tmp_path / "a")]) == 0
+    assert make_shards_main([*args, "--output", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / x / "meta.json").read_text()) for x in "ab")
+    assert a["class_counts"] == [6, 3] and a["splits"]["val"]["class_counts"] == [2, 2]
+    differ = {k for k in a if a[k] != b[k]}
+    assert differ <= {"created", "command", "name"}
+    tars = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert tars == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"]
+    for name in tars:  # the same samples in the same order
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert livt_main(["shard", "--verify", str(tmp_path / "a"), "--no-progress", "--workers", "1"]) == 0
+
+
+def script_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_bench_data_runs_and_reports_both_pipelines():
+    cmd = [sys.executable, "scripts/bench_data.py", "--num-images", "24", "--workers", "0", "--batch-size", "4",
+           "--img-size", "32", "--batches", "2", "--warmup", "1", "--repeats", "1"]
+    result = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["images"] == 24 and report["timed_batches"] == 2 and report["img_size"] == 32
+    assert set(report["results"]) == {"mgp", "bft"}
+    for name, r in report["results"].items():
+        stream, folder = r["webdataset_stream"]["img_s"], r["imagefolder"]["img_s"]
+        assert stream > 0 and folder > 0, name
+        assert r["ratio"] == round(stream / folder, 3)
+        assert r["all_img_s"] == {"webdataset_stream": [stream], "imagefolder": [folder]}
+
+
+def dry_run(tmp_path: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run launch_multinode.sh with a `deepspeed` on PATH that records its arguments (one per line)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "deepspeed"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    env = {**script_env(), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args"),
+           **env_vars}
+    return subprocess.run(["bash", "scripts/launch_multinode.sh", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def recorded(tmp_path: Path) -> list[str]:
+    return (tmp_path / "args").read_text().splitlines()
+
+
+def test_launch_multinode_builds_the_deepspeed_commands(tmp_path):
+    livt = ["--module", "livt_ds", "pretrain", "--config", "configs/mgp_vit_large_imagenet_lt.yaml", "--ds-config",
+            "ds_configs/zero2_bf16.json", "--output", "runs/mgp_vit_large_imagenet_lt"]
+    assert dry_run(tmp_path, "ssh", "train.epochs=2").returncode == 0
+    assert recorded(tmp_path) == ["--hostfile", "scripts/hostfile.example", "--num_nodes", "2", "--num_gpus", "8",
+                                  "--master_port", "29500", *livt, "train.epochs=2"]
+    result = dry_run(tmp_path, "per-node", NODE_RANK="1", MASTER_ADDR="node-a", GPUS="4", STAGE="finetune",
+                     CONFIG="configs/bft_vit_base_inat18.yaml", OUTPUT="runs/x")
+    assert result.returncode == 0, result.stderr
+    assert recorded(tmp_path) == ["--hostfile", "scripts/hostfile.example", "--num_nodes", "2", "--num_gpus", "4",
+                                  "--no_ssh", "--node_rank", "1", "--master_addr", "node-a", "--master_port", "29500",
+                                  "--module", "livt_ds", "finetune", "--config", "configs/bft_vit_base_inat18.yaml",
+                                  "--ds-config", "ds_configs/zero2_bf16.json", "--output", "runs/x"]
+    missing = dry_run(tmp_path, "per-node", MASTER_ADDR="node-a")
+    assert missing.returncode != 0 and "NODE_RANK" in missing.stderr
+    bad = dry_run(tmp_path, "scp")
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    lines = (REPO / "scripts" / "hostfile.example").read_text().splitlines()
+    hosts = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    assert hosts == [["node-a", "slots=8"], ["node-b", "slots=8"]]  # two nodes of 8 GPUs: --num_nodes 2, GPUS=8

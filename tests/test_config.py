@@ -220,7 +220,8 @@ def test_shipped_recipes_have_their_sizes_and_resolve_for_8_gpus(name):
     assert (recipe.train.batch_size, recipe.train.blr) == (batch, blr)
     if name.startswith("bft"):
         # Places-LT and CIFAR-100-LT fine-tune from MGP on ImageNet-1K, as in the paper
-        mgp = "mgp_vit_base_imagenet1k" if name.endswith(("places_lt", "cifar100_lt")) else name.replace("bft", "mgp", 1)
+        imagenet1k = name.endswith(("places_lt", "cifar100_lt"))
+        mgp = "mgp_vit_base_imagenet1k" if imagenet1k else name.replace("bft", "mgp", 1)
         assert recipe.loss.name == "bal_bce" and recipe.model.init == f"runs/{mgp}"
         assert recipe.train.layer_decay == 0.75
     for ds_name in ("zero2_bf16.json", "zero3_bf16.json", "zero2_offload_bf16.json"):

@@ -65,9 +65,15 @@ class RemoteOptions:
 
     @classmethod
     def from_config(cls, data: Any) -> RemoteOptions:
-        """From a recipe's ``data`` section (``retries``, ``retry_backoff_s``, ``timeout_s``, ``cache_*``)."""
-        return cls(retries=data.retries, backoff_s=data.retry_backoff_s, timeout_s=data.timeout_s,
-                   cache_dir=data.cache_dir, cache_max_bytes=int(data.cache_max_gb * 1e9))  # fmt: skip
+        """From a recipe's ``data`` section (``retries``, ``retry_backoff_s``, ``timeout_s``, ``cache_*``);
+        a ConfigError naming the keys when a value is out of range."""
+        from livt_ds.config import ConfigError
+
+        try:
+            return cls(retries=data.retries, backoff_s=data.retry_backoff_s, timeout_s=data.timeout_s,
+                       cache_dir=data.cache_dir, cache_max_bytes=int(data.cache_max_gb * 1e9))  # fmt: skip
+        except ValueError as exn:
+            raise ConfigError(f"data.retries / retry_backoff_s / timeout_s / cache_max_gb: {exn}") from None
 
 
 DEFAULT_OPTIONS = RemoteOptions()

@@ -37,6 +37,9 @@ from livt_ds.data.remote import (
     local_path,
     open_url,
     read_bytes,
+    remote_exists,
+    remove_remote,
+    upload_file,
 )
 
 FORMAT_VERSION = 1
@@ -299,6 +302,30 @@ def check_output(output: str | Path, identity: dict, overwrite: bool) -> None:
             f"--output {output}: already holds this data set (made {old.get('created', '?')}); "
             "pass --overwrite to rebuild it, or --verify it"
         )
+
+
+def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False, progress: bool = True) -> None:
+    """Copy the finished shard set at ``local`` to ``url``: every tar file first, meta.json last, so a reader
+    never sees a set whose meta.json lists files not there yet.
+
+    ``url``: an fsspec location (``s3://``, ``gs://`` ...) or a ``pipe:`` command with ``{}`` for the file name
+    that reads the file on stdin. An fsspec location that already holds a meta.json is refused unless
+    ``overwrite``; then that meta.json is deleted first, so readers see no set (not a mixed one) meanwhile.
+    """
+    from tqdm import tqdm
+
+    local = Path(local)
+    meta = load_meta(local)
+    meta_url = join(url, META_NAME)
+    if remote_exists(meta_url):
+        if not overwrite:
+            raise ShardSetError(f"--output {url}: already holds a shard set (meta.json); pass --overwrite to replace "
+                                "it, or --verify it")  # fmt: skip
+        remove_remote(meta_url)
+    names = [name for split in meta["splits"].values() for name in split["shards"]]
+    for name in tqdm(names, desc="upload", unit="shard", disable=not progress):
+        upload_file(local / name, join(url, name))
+    upload_file(local / META_NAME, meta_url)
 
 
 def _visible_entries(folder: Path) -> list[Path]:

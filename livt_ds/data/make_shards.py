@@ -189,6 +189,10 @@ def write_shards(
 def write_and_upload(source: Source, url: str, *, overwrite: bool = False, **options) -> dict:
     """:func:`write_shards` into a local temporary folder, then upload it to ``url`` (tar files first, meta.json
     last); returns meta.json's contents. The temporary folder is removed either way."""
+    if url.startswith(("http://", "https://")):
+        raise ShardSetError(f"--output {url}: uploading over http(s) is not supported; write to a local --output and "
+                            "copy the folder with your storage's tool (meta.json last), or give s3://, gs:// or "
+                            "'pipe:COMMAND {}'")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="livt-shards-") as tmp:
         local = Path(tmp) / _set_name(url)
         meta = write_shards(source, local, overwrite=False, **options)

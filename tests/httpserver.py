@@ -98,13 +98,20 @@ def serve(root: Path, *, lifetime_s: float = 600, **faults) -> Iterator[FaultySe
     server = FaultyServer(root, **faults)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
-    timer = threading.Timer(lifetime_s, server.shutdown)
+    stopped = threading.Lock()
+
+    def stop() -> None:  # the listening socket closes too: late clients are refused at once, never left waiting
+        with stopped:
+            if server.socket.fileno() != -1:
+                server.shutdown()
+                server.server_close()
+
+    timer = threading.Timer(lifetime_s, stop)
     timer.daemon = True
     timer.start()
     try:
         yield server
     finally:
         timer.cancel()
-        server.shutdown()
-        server.server_close()
+        stop()
         thread.join(timeout=10)

@@ -72,6 +72,10 @@ def test_errors_are_bounded_and_404_is_not_retried(tmp_path):
         with pytest.raises(ShardUnavailable, match="gave up after 2 tries"):
             open_url(f"{srv.url}/ok.tar", RemoteOptions(retries=1, backoff_s=0.01, timeout_s=0.3))
         assert time.time() - start < 1.5
+    with serve(tmp_path, lifetime_s=0.2) as srv:  # a server past its lifetime refuses at once: no client waits
+        time.sleep(0.5)
+        with pytest.raises(ShardUnavailable, match="gave up after 4 tries"):
+            open_url(f"{srv.url}/ok.tar", FAST)
 
 
 # ---------------------------------------------------------------------------------------------- streams
@@ -187,9 +191,9 @@ def http_runs(toy_shards, tmp_path_factory):
     root = toy_shards.parent
     shutil.copytree(toy_shards, root / "broken", dirs_exist_ok=True)
     fail = {"/broken/train-000001.tar": 500, "/broken/train-000002.tar": 404}
-    with serve(root, drop_every=4, fail=fail, lifetime_s=500) as srv:
+    run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "local"), f"data.path={toy_shards}"])
+    with serve(root, drop_every=4, fail=fail, lifetime_s=1500) as srv:  # 3 launches: about a minute on idle cores
         url = f"{srv.url}/{toy_shards.name}"
-        run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "local"), f"data.path={toy_shards}"])
         http = [*MGP_ARGS, "--output", str(out / "http"), f"data.path={url}", "data.retry_backoff_s=0.05"]
         run_livt(["pretrain", *http, "train.stop_after_steps=4"])
         resumed = run_livt(["pretrain", *http, "--resume", "auto"])

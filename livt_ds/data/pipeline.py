@@ -36,10 +36,9 @@ each rank counts its own, so sum across ranks if you report a total.
 
 Shard sets behind URLs (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see :mod:`livt_ds.data.remote`): a
 read that fails is retried (``remote``: :class:`RemoteOptions`) and continues at the byte where it stopped, so
-the stream is exactly that of a local read. A shard read given up after the retries (or a missing shard) is
-counted by :func:`skipped_shards` (and as one skipped sample, as above) and the stream moves on to the next
-shard of its tape: the rank still yields its ``num_batches`` (its samples then differ from a local run's).
-Later visits of that shard by the same training worker in the same epoch are skipped at once (and counted).
+the stream is exactly that of a local read. A shard given up after the retries (or missing) is counted by
+:func:`skipped_shards` (and as one skipped sample, as above) and the stream moves on to the next shard of its
+tape: the rank still yields its ``num_batches`` (its samples then differ from a local run's).
 """
 
 from __future__ import annotations
@@ -150,42 +149,24 @@ take_every = wds.pipelinefilter(_take_every)
 
 
 def _read_units(
-    src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS,
-    given_up: set[str] | None = None,
-) -> Iterator[dict]:  # fmt: skip
+    src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS
+) -> Iterator[dict]:
     """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
 
     ``max_empty``: raise after that many units in a row gave no sample (an endless tape of broken shards
-    would otherwise spin forever). ``given_up``: shards whose read was given up are added here, and a later
-    visit of one of them is skipped (and counted) at once instead of paying for its retries again.
+    would otherwise spin forever).
     """
     empty = 0
     for unit in src:
         url, part, parts = (unit, 0, 1) if isinstance(unit, str) else (unit["url"], unit["part"], unit["parts"])
         n = 0
-        if given_up is not None and url in given_up:
-            handler(ShardUnavailable(f"{url}: given up earlier in this epoch, not tried again"))
-        else:
-            noting = _NoteGivenUp(handler, url, given_up)
-            for i, sample in enumerate(read_tar_samples(url, handler=noting, remote=remote)):
-                if i % parts == part:
-                    n += 1
-                    yield sample
+        for i, sample in enumerate(read_tar_samples(url, handler=handler, remote=remote)):
+            if i % parts == part:
+                n += 1
+                yield sample
         empty = 0 if n else empty + 1
         if max_empty is not None and empty >= max_empty:
             raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}); check the set with --verify")
-
-
-class _NoteGivenUp:
-    """Pass failures to ``handler``; remember ``url`` in ``given_up`` when its read was given up."""
-
-    def __init__(self, handler: Callable, url: str, given_up: set[str] | None):
-        self.handler, self.url, self.given_up = handler, url, given_up
-
-    def __call__(self, exn: BaseException) -> bool:
-        if isinstance(exn, ShardUnavailable) and self.given_up is not None:
-            self.given_up.add(self.url)
-        return self.handler(exn)
 
 
 read_units = wds.pipelinefilter(_read_units)
@@ -342,7 +323,7 @@ class TrainStream(IterableDataset):
             functools.partial(shard_tape, self.urls, self.seed, self.epoch),
             take_every(self.rank, self.world_size),
             take_every(worker, num_workers),
-            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, given_up=set()),
+            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
             number(),
             wds.batched(self.batch_size, collation_fn=None, partial=False),

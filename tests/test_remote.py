@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
-from conftest import make_image_folder, read_jsonl, run_livt, train_losses
+from conftest import launcher_env, make_image_folder, read_jsonl, run_livt, train_losses
 from datafixtures import make_shard_set
 from httpserver import serve
 
@@ -115,6 +117,21 @@ def test_unreadable_shards_are_skipped_counted_and_ranks_stay_in_step(sets):
         assert srv.requests["/broken/train-000001.tar"] > 1 and srv.requests["/broken/train-000004.tar"] >= 1
     assert [len(r) for r in runs] == [8, 8] and all(x.shape[0] == 4 for r in runs for x, _ in r)
     assert skipped_shards() - before >= 2
+
+
+def test_a_set_with_no_readable_shard_fails_and_the_process_exits(sets, tmp_path):
+    """All shards unreadable: a clear error, and the process ends (its loader workers ignore SIGTERM; an uncaught
+    error must not leave the interpreter waiting for them at exit, which would hang every other rank too)."""
+    (tmp_path / "dead").mkdir()
+    shutil.copy(sets / "s" / "meta.json", tmp_path / "dead")
+    code = ("from livt_ds.data.pipeline import train_loader\n"
+            "from livt_ds.data.transforms import mgp_transform\n"
+            f"list(train_loader({str(tmp_path / 'dead')!r}, transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), "
+            "batch_size=4, num_workers=1, seed=0, epoch=0, rank=0, world_size=1, num_batches=2))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], env=launcher_env(), capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    assert "shards in a row gave no sample" in result.stderr and "killed by signal" not in result.stderr
 
 
 def test_pipe_and_fsspec_locations_read_the_same_stream(sets):

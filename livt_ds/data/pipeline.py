@@ -43,6 +43,7 @@ tape: the rank still yields its ``num_batches`` (its samples then differ from a 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -66,6 +67,7 @@ from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta
 logger = logging.getLogger(__name__)
 
 _TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
+_exit_hook = False  # _kill_workers_at_exit registered
 _counter = None  # multiprocessing.Value("q"): samples skipped in this process and its loader workers
 _shard_counter = None  # multiprocessing.Value("q"): shards given up (missing, or unreadable after the retries)
 
@@ -412,7 +414,25 @@ def _ignore_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit() -> None:
+    """Kill this process's daemonic children (loader workers) at interpreter exit.
+
+    Workers ignore SIGTERM, and when the process ends on an uncaught error its traceback keeps the loader (and
+    its workers) alive; multiprocessing's own exit handler only sends SIGTERM and then waits for them, forever.
+    Registered after that handler, this one runs before it (atexit is last in, first out).
+    """
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as a worker crash
+    for child in children:
+        child.kill()
+
+
 def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    global _exit_hook
+    if num_workers > 0 and not _exit_hook:
+        atexit.register(_kill_workers_at_exit)
+        _exit_hook = True
     # A private generator: the loader's base-seed draw must not advance the trainer's global torch RNG
     # (a resumed run would otherwise diverge). The stream seeds itself; the base seed is unused.
     return DataLoader(

@@ -41,12 +41,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # a shard set folder made by scripts/make_shards.py
+    path: str = ""  # a shard set folder made by scripts/make_shards.py, or its URL (http(s)://, s3://, gs://, pipe:)
     train_split: str = "train"
     eval_split: str = "val"
     num_workers: int = 4
     mean: list[float] | None = None  # None: meta.json's measured mean, else ImageNet's
     std: list[float] | None = None
+    retries: int = 5  # URLs: further tries of a shard whose read failed (then it is skipped and counted)
+    retry_backoff_s: float = 1.0  # URLs: wait before the first retry, doubling after each
+    timeout_s: float = 60.0  # URLs: connect / read timeout of one HTTP request
+    cache_dir: str = ""  # URLs: keep downloaded shards here so later epochs read the disk ("" = no cache)
+    cache_max_gb: float = 100.0  # URLs: size bound of cache_dir (least recently used shards are evicted)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import yaml
 
 from livt_ds import checkpoint, dist, provenance
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
-from livt_ds.data.pipeline import eval_loader, train_loader
+from livt_ds.data.pipeline import eval_loader, skipped_samples, skipped_shards, train_loader
+from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.tasks import EvalResult, build_task, save_images, seed_everything
@@ -147,7 +148,8 @@ class Trainer:
         recipe = self.recipe
         if not recipe.data.path:
             raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
-        self.meta = load_meta(recipe.data.path)
+        self.remote = RemoteOptions.from_config(recipe.data)
+        self.meta = load_meta(recipe.data.path, self.remote)
         world = dist.world_size()
         ds_config = resolve_ds_config(load_ds_config(self.ds_config_path), recipe, world)
         self.task = build_task(self.stage, recipe, self.meta)
@@ -355,7 +357,7 @@ class Trainer:
                                   batch_size=self.micro_batch, num_workers=recipe.data.num_workers,
                                   seed=recipe.train.seed, epoch=epoch, rank=dist.rank(),
                                   world_size=dist.world_size(), num_batches=s.micro_batches_per_epoch,
-                                  skip_batches=skip, pin_memory=torch.cuda.is_available())
+                                  skip_batches=skip, pin_memory=torch.cuda.is_available(), remote=self.remote)
             self.engine.train()
             for images, labels in loader:
                 if micro_count % s.accumulation == 0:
@@ -416,6 +418,9 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             values["grad_norm"] = float(norm)
+        counts = dist.gather_objects((skipped_samples(), skipped_shards()))  # since each rank's process started
+        values["data/skipped_samples"] = sum(c[0] for c in counts)
+        values["data/skipped_shards"] = sum(c[1] for c in counts)
         log.scalars(step, values, prefix="")
 
     def _maybe_evaluate(self, step: int, log: Logger) -> bool:
@@ -432,7 +437,7 @@ class Trainer:
         recipe = self.recipe
         loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=self.task.eval_transform(),
                              batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
-                             rank=dist.rank(), world_size=dist.world_size())
+                             rank=dist.rank(), world_size=dist.world_size(), remote=self.remote)
         self.engine.eval()
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             result = self.task.evaluate(self.engine, self.engine.module, loader, self.cast)

@@ -17,6 +17,7 @@ from livt_ds import dist
 from livt_ds.checkpoint import CheckpointError, weights_provenance
 from livt_ds.config import ConfigError, Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
+from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.tasks import FinetuneTask, save_images
 
@@ -27,7 +28,8 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
     if not recipe.data.path:
         raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
     output = Path(output)
-    meta = load_meta(recipe.data.path)
+    remote = RemoteOptions.from_config(recipe.data)
+    meta = load_meta(recipe.data.path, remote)
     task = FinetuneTask(recipe, meta)
     model = task.build_model()
     missing = task.init_report["missing"]
@@ -44,7 +46,7 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
 
     loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=task.eval_transform(),
                          batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
-                         rank=dist.rank(), world_size=dist.world_size())
+                         rank=dist.rank(), world_size=dist.world_size(), remote=remote)
     result = task.evaluate(forward, model, loader, lambda x: x.to(device, non_blocking=True))
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     if dist.is_main():

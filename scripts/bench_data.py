@@ -1,7 +1,9 @@
 """Input-pipeline throughput: the WebDataset training stream against torchvision ImageFolder + DataLoader.
 
-Both read the same JPEG images and apply the same transform (MGP: RandomResizedCrop + flip; BFT: timm's
+All read the same JPEG images and apply the same transform (MGP: RandomResizedCrop + flip; BFT: timm's
 RandAugment + random erasing) at ``--img-size`` with ``--workers`` DataLoader workers, in the same run.
+The stream is measured twice: from the local shard folder, and over HTTP from a ``python -m http.server``
+process on 127.0.0.1 serving that folder (``data.path=http://...``: same bytes, through the remote opener).
 Without ``--input`` it first generates an image folder (``--num-images`` JPEGs of about 400x350 with
 natural-image-like content) and shards it. Prints one JSON object.
 
@@ -12,9 +14,12 @@ natural-image-like content) and shards it. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +89,30 @@ def imagefolder_batches(root: Path, transform, batch_size: int, workers: int):
         yield from loader
 
 
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """``python -m http.server`` serving ``folder`` on 127.0.0.1 (its own process); yields its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("http.server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="image folder ROOT/train/CLASS/*.jpg (generated when absent)")
@@ -95,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
     p.add_argument("--repeats", type=int, default=2, help="alternating measurements per pipeline (best is kept)")
     p.add_argument("--max-side", type=int, help="also pass --max-side to make_shards (pre-resized shards)")
+    p.add_argument("--no-http", dest="http", action="store_false", help="skip the stream over HTTP (localhost)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
@@ -107,22 +137,34 @@ def main(argv: list[str] | None = None) -> int:
         shard_s = time.perf_counter() - t
         results = {}
         transforms = {"mgp": mgp_transform(args.img_size, MEAN, STD), "bft": bft_transform(args.img_size, MEAN, STD)}
-        for name, tf in transforms.items():
-            total = args.warmup + args.batches
-            runs: dict[str, list[dict]] = {"webdataset_stream": [], "imagefolder": []}
-            for rep in range(args.repeats):  # alternated, best of each: robust to other load on the machine
-                stream = train_loader(shards, transform=tf, batch_size=args.batch_size, num_workers=args.workers,
-                                      seed=rep, epoch=0, rank=0, world_size=1, num_batches=total,
-                                      shuffle_buffer=256)  # fmt: skip
-                runs["webdataset_stream"].append(timed(stream, args.warmup, args.batches))
-                base = imagefolder_batches(root, tf, args.batch_size, args.workers)
-                runs["imagefolder"].append(timed(base, args.warmup, args.batches))
-            best = {k: max(v, key=lambda r: r["img_s"]) for k, v in runs.items()}
-            ratio = round(best["webdataset_stream"]["img_s"] / best["imagefolder"]["img_s"], 3)
-            results[name] = {**best, "ratio": ratio, "all_img_s": {k: [r["img_s"] for r in v] for k, v in runs.items()}}
+        with contextlib.ExitStack() as stack:
+            base_url = stack.enter_context(http_server(Path(tmp))) if args.http else None
+            for name, tf in transforms.items():
+                total = args.warmup + args.batches
+                locations = {"webdataset_stream": shards}
+                if base_url:
+                    locations["webdataset_stream_http_localhost"] = f"{base_url}/shards"
+                runs: dict[str, list[dict]] = {k: [] for k in [*locations, "imagefolder"]}
+                for rep in range(args.repeats):  # alternated, best of each: robust to other load on the machine
+                    for key, location in locations.items():
+                        stream = train_loader(location, transform=tf, batch_size=args.batch_size, seed=rep, epoch=0,
+                                              num_workers=args.workers, rank=0, world_size=1, num_batches=total,
+                                              shuffle_buffer=256)  # fmt: skip
+                        runs[key].append(timed(stream, args.warmup, args.batches))
+                    base = imagefolder_batches(root, tf, args.batch_size, args.workers)
+                    runs["imagefolder"].append(timed(base, args.warmup, args.batches))
+                best = {k: max(v, key=lambda r: r["img_s"]) for k, v in runs.items()}
+                ratio = round(best["webdataset_stream"]["img_s"] / best["imagefolder"]["img_s"], 3)
+                extra = {}
+                if base_url:
+                    http_img_s = best["webdataset_stream_http_localhost"]["img_s"]
+                    extra["http_over_local"] = round(http_img_s / best["webdataset_stream"]["img_s"], 3)
+                results[name] = {**best, "ratio": ratio, **extra,
+                                 "all_img_s": {k: [r["img_s"] for r in v] for k, v in runs.items()}}  # fmt: skip
         stats = meta["image_stats"]
         report = {
-            "what": "training input pipeline images/s (decode + augmentation), WebDataset stream vs ImageFolder",
+            "what": "training input pipeline images/s (decode + augmentation), WebDataset stream (local folder and "
+                    "over HTTP from 127.0.0.1) vs ImageFolder",
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
             "images": meta["splits"]["train"]["num_samples"],

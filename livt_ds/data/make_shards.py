@@ -4,11 +4,15 @@
         [--train-list F --val-list F] [--imbalance GAMMA] [--max-side N] [--shard-size N|SIZE] [--workers N]
         [--seed S] [--skip-missing] [--overwrite] [--num-classes N]
     python scripts/make_shards.py --verify shards/NAME
+    python scripts/make_shards.py ... --output s3://bucket/sets/NAME     (or gs://, or 'pipe:CMD {}' reading stdin)
+    python scripts/make_shards.py --verify https://host/sets/NAME        (or s3://, gs://, 'pipe:CMD {}')
 
 Flow: index the source (no image read yet), fail on missing files unless ``--skip-missing``, subsample the
 training split onto the ``--imbalance`` profile, shuffle its order (so every shard holds a class mix),
 then encode in an ordered worker pool (deterministic output whatever ``--workers``) and write through
 :class:`~livt_ds.data.shards.ShardSetWriter` (atomic). Corrupt images are skipped, counted and listed.
+An ``--output`` URL is written to a local temporary folder first (``TMPDIR``), then uploaded with meta.json
+last (:func:`~livt_ds.data.shards.upload_shard_set`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import argparse
 import io
 import os
 import random
+import re
 import shlex
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -32,7 +38,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from livt_ds.data.longtail import imbalance_ratio, longtail_subsample
-from livt_ds.data.shards import FORMAT_VERSION, ShardSetWriter, check_output, parse_shard_size, verify_shards
+from livt_ds.data.remote import is_url
+from livt_ds.data.shards import (
+    FORMAT_VERSION,
+    ShardSetError,
+    ShardSetWriter,
+    check_output,
+    parse_shard_size,
+    upload_shard_set,
+    verify_shards,
+)
 from livt_ds.data.sources import SOURCE_KINDS, Record, Source, SourceError, load_record_bytes, open_source
 
 STATS_SIDE = 128  # mean/std are measured on images box-reduced to about this longer side
@@ -169,6 +184,29 @@ def write_shards(
         meta["command"] = command or ""
         writer.commit(meta)
     return meta
+
+
+def write_and_upload(source: Source, url: str, *, overwrite: bool = False, **options) -> dict:
+    """:func:`write_shards` into a local temporary folder, then upload it to ``url`` (tar files first, meta.json
+    last); returns meta.json's contents. The temporary folder is removed either way."""
+    if url.startswith(("http://", "https://")):
+        raise ShardSetError(f"--output {url}: uploading over http(s) is not supported; write to a local --output and "
+                            "copy the folder with your storage's tool (meta.json last), or give s3://, gs:// or "
+                            "'pipe:COMMAND {}'")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="livt-shards-") as tmp:
+        local = Path(tmp) / _set_name(url)
+        meta = write_shards(source, local, overwrite=False, **options)
+        upload_shard_set(local, url, overwrite=overwrite, progress=options.get("progress", True))
+    return meta
+
+
+def _set_name(url: str) -> str:
+    """The set's name (meta.json ``name``) from its URL: the last path part before ``{}`` / the end."""
+    head = url.split("{}", 1)[0].rstrip("/")
+    parts = re.findall(r"[A-Za-z0-9_.-]+", head.rsplit("/", 1)[-1])
+    if not parts:
+        raise ShardSetError(f"--output {url}: cannot tell the set's name; end the URL with /NAME (or /NAME/{{}})")
+    return parts[-1]
 
 
 @dataclass
@@ -326,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--source", choices=SOURCE_KINDS, help="raw format")
     p.add_argument("--input", help="data set root (images; CIFAR pickle folder); not needed for demo")
-    p.add_argument("--output", help="shard set folder to create, e.g. shards/cifar10_lt100")
+    p.add_argument("--output", help="shard set folder to create, e.g. shards/cifar10_lt100, or a URL to upload "
+                   "it to: s3://bucket/sets/NAME, gs://..., 'pipe:aws s3 cp - s3://bucket/sets/NAME/{}'")
     p.add_argument("--train-list", help="list: 'path LABEL' file; inat: train JSON")
     p.add_argument("--val-list", help="list: val/test list file; inat: val JSON")
     p.add_argument("--imbalance", type=float, help="subsample train onto an exponential profile, max/min = GAMMA")
@@ -339,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing shard set of the same data")
     p.add_argument("--stats-samples", type=int, default=1000, help="training images measured for mean/std")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--verify", metavar="DIR", help="re-read shard set DIR and check it against its meta.json")
+    p.add_argument("--verify", metavar="DIR", help="re-read shard set DIR (or URL) and check it against its meta.json")
     return p
 
 
@@ -359,13 +398,16 @@ def main(argv: list[str] | None = None) -> int:
             args.source, args.input, train_list=args.train_list, val_list=args.val_list,
             num_classes=args.num_classes, seed=args.seed,
         )  # fmt: skip
-        meta = write_shards(
-            source, args.output, imbalance=args.imbalance, max_side=args.max_side, shard_size=args.shard_size,
-            workers=args.workers, seed=args.seed, overwrite=args.overwrite, skip_missing=args.skip_missing,
-            command=shlex.join(["scripts/make_shards.py", *argv]), progress=not args.no_progress,
-            stats_samples=args.stats_samples,
+        options = dict(
+            imbalance=args.imbalance, max_side=args.max_side, shard_size=args.shard_size, workers=args.workers,
+            seed=args.seed, overwrite=args.overwrite, skip_missing=args.skip_missing, progress=not args.no_progress,
+            command=shlex.join(["scripts/make_shards.py", *argv]), stats_samples=args.stats_samples,
         )  # fmt: skip
-    except (SourceError, ValueError, RuntimeError, FileNotFoundError) as exn:
+        if is_url(args.output):
+            meta = write_and_upload(source, args.output, **options)
+        else:
+            meta = write_shards(source, args.output, **options)
+    except (SourceError, ValueError, RuntimeError, OSError) as exn:
         print(f"make_shards: error: {exn}", file=sys.stderr)
         return 2
     print(format_summary(meta, args.output, time.time() - start))

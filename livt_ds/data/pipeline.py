@@ -33,10 +33,17 @@ Counting skipped samples: :func:`skipped_samples` reads a shared-memory counter 
 started from loaders of this process increment too (shared by fork/spawn/forkserver inheritance); a shard
 that cannot be opened counts as one. Workers also log a warning per skip (``logging``, this module's logger);
 each rank counts its own, so sum across ranks if you report a total.
+
+Shard sets behind URLs (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see :mod:`livt_ds.data.remote`): a
+read that fails is retried (``remote``: :class:`RemoteOptions`) and continues at the byte where it stopped, so
+the stream is exactly that of a local read. A shard given up after the retries (or missing) is counted by
+:func:`skipped_shards` (and as one skipped sample, as above) and the stream moves on to the next shard of its
+tape: the rank still yields its ``num_batches`` (its samples then differ from a local run's).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -54,12 +61,15 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions, ShardUnavailable
 from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta, read_tar_samples, shard_paths
 
 logger = logging.getLogger(__name__)
 
 _TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
+_exit_hook = False  # _kill_workers_at_exit registered
 _counter = None  # multiprocessing.Value("q"): samples skipped in this process and its loader workers
+_shard_counter = None  # multiprocessing.Value("q"): shards given up (missing, or unreadable after the retries)
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -70,25 +80,46 @@ def _skip_counter():
     return _counter
 
 
+def _shard_skip_counter():
+    global _shard_counter
+    if _shard_counter is None:
+        _shard_counter = multiprocessing.Value("q", 0)
+    return _shard_counter
+
+
+def skipped_shards() -> int:
+    """Shard reads given up so far (missing, or failing after the retries) by this process's loaders."""
+    return 0 if _shard_counter is None else int(_shard_counter.value)
+
+
 def skipped_samples() -> int:
     """Corrupt samples skipped so far by the loaders built in this process (their workers included)."""
     return 0 if _counter is None else int(_counter.value)
 
 
 def reset_skipped_samples() -> None:
-    """Set the skipped-sample counter back to 0 (e.g. at the start of an epoch)."""
-    if _counter is not None:
-        with _counter.get_lock():
-            _counter.value = 0
+    """Set the skipped-sample and skipped-shard counters back to 0 (e.g. at the start of an epoch)."""
+    for counter in (_counter, _shard_counter):
+        if counter is not None:
+            with counter.get_lock():
+                counter.value = 0
 
 
 class CountedSkip:
-    """A webdataset ``handler``: count the failure, log a warning, continue (``warn_and_continue``, counted)."""
+    """A webdataset ``handler``: count the failure, log a warning, continue (``warn_and_continue``, counted).
 
-    def __init__(self, counter, where: str):
-        self.counter, self.where = counter, where
+    A :class:`ShardUnavailable` (a shard missing or given up after its retries) also counts in ``shards``.
+    """
+
+    def __init__(self, counter, where: str, shards=None):
+        self.counter, self.where, self.shards = counter, where, shards
 
     def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, ShardUnavailable) and self.shards is not None:
+            with self.shards.get_lock():
+                self.shards.value += 1
+            logger.warning("%s: skipped the rest of a shard (%d shards skipped so far): %s", self.where,
+                           self.shards.value, exn)  # fmt: skip
         with self.counter.get_lock():
             self.counter.value += 1
             total = self.counter.value
@@ -119,7 +150,9 @@ def _take_every(src: Iterable, start: int, step: int) -> Iterator:
 take_every = wds.pipelinefilter(_take_every)
 
 
-def _read_units(src: Iterable, handler: Callable, max_empty: int | None = None) -> Iterator[dict]:
+def _read_units(
+    src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS
+) -> Iterator[dict]:
     """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
 
     ``max_empty``: raise after that many units in a row gave no sample (an endless tape of broken shards
@@ -129,7 +162,7 @@ def _read_units(src: Iterable, handler: Callable, max_empty: int | None = None) 
     for unit in src:
         url, part, parts = (unit, 0, 1) if isinstance(unit, str) else (unit["url"], unit["part"], unit["parts"])
         n = 0
-        for i, sample in enumerate(read_tar_samples(url, handler=handler)):
+        for i, sample in enumerate(read_tar_samples(url, handler=handler, remote=remote)):
             if i % parts == part:
                 n += 1
                 yield sample
@@ -260,9 +293,13 @@ class TrainStream(IterableDataset):
         skip_batches: int = 0,
         shuffle_buffer: int = 1000,
         counter=None,
+        remote: RemoteOptions = DEFAULT_OPTIONS,
+        shard_counter=None,
     ):
         super().__init__()
         self.urls, self.num_classes, self.transform = list(urls), num_classes, transform
+        self.remote = remote
+        self.shard_counter = shard_counter if shard_counter is not None else _shard_skip_counter()
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size = rank, world_size
         self.num_batches, self.skip_batches, self.shuffle_buffer = num_batches, skip_batches, shuffle_buffer
@@ -282,13 +319,13 @@ class TrainStream(IterableDataset):
         total = len(range(worker, self.num_batches, num_workers))
         if total <= skip:
             return iter(())
-        handler = CountedSkip(self.counter, f"train rank {self.rank} worker {worker}")
+        handler = CountedSkip(self.counter, f"train rank {self.rank} worker {worker}", self.shard_counter)
         shuffle_rng = random.Random(_mix(_SHUFFLE, self.seed, self.epoch, self.rank, worker))
         pipeline = wds.DataPipeline(
             functools.partial(shard_tape, self.urls, self.seed, self.epoch),
             take_every(self.rank, self.world_size),
             take_every(worker, num_workers),
-            read_units(handler=handler, max_empty=2 * len(self.urls) + 2),
+            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
             number(),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
@@ -320,9 +357,13 @@ class EvalStream(IterableDataset):
         num_workers: int,
         return_keys: bool = False,
         counter=None,
+        remote: RemoteOptions = DEFAULT_OPTIONS,
+        shard_counter=None,
     ):
         super().__init__()
         self.urls, self.shard_sizes = list(urls), list(shard_sizes)
+        self.remote = remote
+        self.shard_counter = shard_counter if shard_counter is not None else _shard_skip_counter()
         self.num_classes, self.transform = num_classes, transform
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.return_keys = max(1, num_workers), return_keys
@@ -346,10 +387,10 @@ class EvalStream(IterableDataset):
 
     def worker_batches(self, worker: int, num_workers: int) -> Iterator[tuple]:
         """Batches of DataLoader worker ``worker`` of ``num_workers`` on this rank (the last may be partial)."""
-        handler = CountedSkip(self.counter, f"eval rank {self.rank} worker {worker}")
+        handler = CountedSkip(self.counter, f"eval rank {self.rank} worker {worker}", self.shard_counter)
         pipeline = wds.DataPipeline(
             functools.partial(iter, self._worker_units(worker, num_workers)),
-            read_units(handler=handler),
+            read_units(handler=handler, remote=self.remote),
             wds.map(functools.partial(_decode_eval, num_classes=self.num_classes), handler=handler),
             wds.map(_EvalTransform(self.transform)),  # transform errors are bugs: they propagate
             wds.batched(self.batch_size, collation_fn=_collate_eval, partial=True),
@@ -373,7 +414,25 @@ def _ignore_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit() -> None:
+    """Kill this process's daemonic children (loader workers) at interpreter exit.
+
+    Workers ignore SIGTERM, and when the process ends on an uncaught error its traceback keeps the loader (and
+    its workers) alive; multiprocessing's own exit handler only sends SIGTERM and then waits for them, forever.
+    Registered after that handler, this one runs before it (atexit is last in, first out).
+    """
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as a worker crash
+    for child in children:
+        child.kill()
+
+
 def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    global _exit_hook
+    if num_workers > 0 and not _exit_hook:
+        atexit.register(_kill_workers_at_exit)
+        _exit_hook = True
     # A private generator: the loader's base-seed draw must not advance the trainer's global torch RNG
     # (a resumed run would otherwise diverge). The stream seeds itself; the base seed is unused.
     return DataLoader(
@@ -403,21 +462,23 @@ def train_loader(
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    remote: RemoteOptions = DEFAULT_OPTIONS,
 ) -> DataLoader:
     """Training batches ``(images [B,3,H,W] float32, labels [B] int64)`` of ``rank`` for ``epoch``.
 
     Yields exactly ``num_batches - skip_batches`` full batches: what the uninterrupted stream yields after
     its first ``skip_batches``. Deterministic for ``(seed, epoch, rank, world_size, num_workers)``.
-    ``shuffle_buffer``: raw (undecoded) samples held per worker for shuffling.
+    ``shuffle_buffer``: raw (undecoded) samples held per worker for shuffling. ``shard_dir`` may be a URL;
+    ``remote`` says how it is read (retries, timeout, cache).
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     if num_batches < 1 or not 0 <= skip_batches <= num_batches:
         raise ValueError(f"num_batches {num_batches}, skip_batches {skip_batches}: need 0 <= skip <= num_batches >= 1")
-    meta = load_meta(shard_dir)
+    meta = load_meta(shard_dir, remote)
     stream = TrainStream(
-        shard_paths(shard_dir, split), num_classes=meta["num_classes"], transform=transform,
+        shard_paths(shard_dir, split, remote), num_classes=meta["num_classes"], transform=transform,
         batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-        num_batches=num_batches, skip_batches=skip_batches, shuffle_buffer=max(1, shuffle_buffer),
+        num_batches=num_batches, skip_batches=skip_batches, shuffle_buffer=max(1, shuffle_buffer), remote=remote,
     )  # fmt: skip
     return _loader(stream, num_workers, pin_memory)
 
@@ -433,6 +494,7 @@ def eval_loader(
     world_size: int,
     return_keys: bool = False,
     pin_memory: bool = False,
+    remote: RemoteOptions = DEFAULT_OPTIONS,
 ) -> DataLoader:
     """Evaluation batches ``(images [B,3,H,W], labels [B] int64)`` (``+ keys`` with ``return_keys``).
 
@@ -440,16 +502,19 @@ def eval_loader(
     batch count (ranks differ: pad with dummy steps before collective calls).
     """
     _check_rank(rank, world_size, batch_size, num_workers)
-    meta = load_meta(shard_dir)
+    meta = load_meta(shard_dir, remote)
     stream = EvalStream(
-        shard_paths(shard_dir, split), meta["splits"][split]["shard_sizes"], num_classes=meta["num_classes"],
+        shard_paths(shard_dir, split, remote), meta["splits"][split]["shard_sizes"], num_classes=meta["num_classes"],
         transform=transform, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-        return_keys=return_keys,
+        return_keys=return_keys, remote=remote,
     )  # fmt: skip
     return _loader(stream, num_workers, pin_memory)
 
 
-def batches_per_epoch(shard_dir: str | Path, *, batch_size: int, world_size: int, split: str = "train") -> int:
+def batches_per_epoch(
+    shard_dir: str | Path, *, batch_size: int, world_size: int, split: str = "train",
+    remote: RemoteOptions = DEFAULT_OPTIONS,
+) -> int:  # fmt: skip
     """``num_batches`` for :func:`train_loader`: one pass over the split's samples, ``>= 1``."""
-    meta = load_meta(shard_dir)
+    meta = load_meta(shard_dir, remote)
     return max(1, meta["splits"][split]["num_samples"] // (batch_size * world_size))

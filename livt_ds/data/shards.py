@@ -26,6 +26,22 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from livt_ds.data.remote import (
+    DEFAULT_OPTIONS,
+    RemoteOptions,
+    ShardMissing,
+    ShardUnavailable,
+    is_url,
+    join,
+    list_remote,
+    local_path,
+    open_url,
+    read_bytes,
+    remote_exists,
+    remove_remote,
+    upload_file,
+)
+
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -38,9 +54,14 @@ class ShardSetError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def load_meta(shard_dir: str | Path) -> dict:
-    """``shard_dir/meta.json`` as a dict; a clear FileNotFoundError/ShardSetError when it is absent or wrong."""
-    shard_dir = Path(shard_dir)
+def load_meta(shard_dir: str | Path, remote: RemoteOptions = DEFAULT_OPTIONS) -> dict:
+    """``shard_dir/meta.json`` as a dict; a clear FileNotFoundError/ShardSetError when it is absent or wrong.
+
+    ``shard_dir`` may be a URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:...{}...``): see :mod:`remote`.
+    """
+    if is_url(shard_dir):
+        return _check_meta(_read_remote_meta(str(shard_dir), remote), join(shard_dir, META_NAME), str(shard_dir))
+    shard_dir = local_path(shard_dir)
     path = shard_dir / META_NAME
     if not path.is_file():
         partial = sorted(p.name for p in shard_dir.parent.glob(f"{shard_dir.name}.partial-*"))
@@ -48,6 +69,25 @@ def load_meta(shard_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: missing{note}; {_MAKE_HINT.format(dir=shard_dir)}")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
+    return _check_meta(meta, str(path), str(shard_dir))
+
+
+def _read_remote_meta(shard_dir: str, remote: RemoteOptions) -> dict:
+    where = join(shard_dir, META_NAME)
+    try:
+        data = read_bytes(where, remote)
+    except ShardMissing as exn:
+        raise FileNotFoundError(f"{exn}: no shard set there (an upload writes meta.json last: is it finished?); "
+                                f"{_MAKE_HINT.format(dir=shard_dir)}") from None  # fmt: skip
+    except ShardUnavailable as exn:
+        raise ShardSetError(f"{where}: cannot be read ({exn}); check data.path and the network") from None
+    try:
+        return json.loads(data)
+    except ValueError as exn:
+        raise ShardSetError(f"{where}: not JSON ({exn}); check data.path") from None
+
+
+def _check_meta(meta: dict, path: str, shard_dir: str) -> dict:
     absent = [k for k in META_KEYS if k not in meta]
     if absent:
         hint = _MAKE_HINT.format(dir=shard_dir)
@@ -59,12 +99,12 @@ def load_meta(shard_dir: str | Path) -> dict:
     return meta
 
 
-def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
-    """Full paths of the tar files of ``split``, in meta.json order; an error naming the splits that exist."""
-    meta = load_meta(shard_dir)
+def shard_paths(shard_dir: str | Path, split: str, remote: RemoteOptions = DEFAULT_OPTIONS) -> list[str]:
+    """Full paths (or URLs) of the tar files of ``split``, in meta.json order; an error naming the splits there."""
+    meta = load_meta(shard_dir, remote)
     if split not in meta["splits"]:
-        raise ShardSetError(f"{Path(shard_dir) / META_NAME}: no split {split!r}; it has {sorted(meta['splits'])}")
-    return [str(Path(shard_dir) / name) for name in meta["splits"][split]["shards"]]
+        raise ShardSetError(f"{join(shard_dir, META_NAME)}: no split {split!r}; it has {sorted(meta['splits'])}")
+    return [join(shard_dir, name) for name in meta["splits"][split]["shards"]]
 
 
 def image_key(sample: dict) -> str:
@@ -92,9 +132,32 @@ def decode_label(sample: dict, num_classes: int | None = None) -> int:
     return label
 
 
-def read_tar_samples(url: str, handler=wds.reraise_exception) -> Iterator[dict]:
-    """Raw samples (``{"__key__", "jpg", "cls", ...}`` with undecoded bytes) of one tar file, in order."""
-    return wds.tarfile_to_samples(handler=handler)(iter([{"url": url}]))
+def read_tar_samples(
+    url: str, handler=wds.reraise_exception, remote: RemoteOptions = DEFAULT_OPTIONS
+) -> Iterator[dict]:
+    """Raw samples (``{"__key__", "jpg", "cls", ...}`` with undecoded bytes) of one tar file, in order.
+
+    ``url``: a local path or URL, opened by :func:`remote.open_url` (remote reads resume after dropped connections).
+    A shard that cannot be opened, or whose read fails after the retries, goes to ``handler`` once as a
+    :class:`ShardUnavailable` (the samples already yielded stay yielded); a bad member goes to it as itself.
+    """
+    try:
+        stream = open_url(url, remote)
+    except ShardUnavailable as exn:
+        handler(exn)  # counted, or raised
+        return
+
+    def members_handler(exn: BaseException) -> bool:
+        if isinstance(exn, ShardUnavailable):
+            raise exn  # the stream gave up: report the shard once, below
+        return handler(exn)
+
+    with stream:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=members_handler)
+        try:
+            yield from wds.tariterators.group_by_keys(files, handler=handler)
+        except ShardUnavailable as exn:
+            handler(exn)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -241,6 +304,30 @@ def check_output(output: str | Path, identity: dict, overwrite: bool) -> None:
         )
 
 
+def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False, progress: bool = True) -> None:
+    """Copy the finished shard set at ``local`` to ``url``: every tar file first, meta.json last, so a reader
+    never sees a set whose meta.json lists files not there yet.
+
+    ``url``: an fsspec location (``s3://``, ``gs://`` ...) or a ``pipe:`` command with ``{}`` for the file name
+    that reads the file on stdin. An fsspec location that already holds a meta.json is refused unless
+    ``overwrite``; then that meta.json is deleted first, so readers see no set (not a mixed one) meanwhile.
+    """
+    from tqdm import tqdm
+
+    local = Path(local)
+    meta = load_meta(local)
+    meta_url = join(url, META_NAME)
+    if remote_exists(meta_url):
+        if not overwrite:
+            raise ShardSetError(f"--output {url}: already holds a shard set (meta.json); pass --overwrite to replace "
+                                "it, or --verify it")  # fmt: skip
+        remove_remote(meta_url)
+    names = [name for split in meta["splits"].values() for name in split["shards"]]
+    for name in tqdm(names, desc="upload", unit="shard", disable=not progress):
+        upload_file(local / name, join(url, name))
+    upload_file(local / META_NAME, meta_url)
+
+
 def _visible_entries(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if not p.name.startswith(".")]
 
@@ -283,11 +370,8 @@ class ShardCheck:
 
 
 def check_shard(path: str, num_classes: int) -> ShardCheck:
-    """Re-read one tar: every sample must have a label in range and a fully decodable image."""
+    """Re-read one tar (local or URL): every sample must have a label in range and a fully decodable image."""
     result = ShardCheck(path)
-    if not os.path.isfile(path):
-        result.problems.append(f"{path}: listed in meta.json but missing")
-        return result
     try:
         for sample in read_tar_samples(path):
             result.num_samples += 1
@@ -297,6 +381,8 @@ def check_shard(path: str, num_classes: int) -> ShardCheck:
                 decode_image(sample[image_key(sample)])
             except Exception as exn:  # any failure of a sample is a finding, not a crash
                 result.problems.append(f"{path}: sample {sample['__key__']}: {exn}")
+    except ShardMissing:
+        result.problems.append(f"{path}: listed in meta.json but missing")
     except Exception as exn:  # an unreadable tar is a finding
         result.problems.append(f"{path}: unreadable after {result.num_samples} samples: {exn}")
     return result
@@ -315,11 +401,10 @@ def verify_shards(shard_dir: str | Path, *, workers: int = 1, progress: bool = T
 
     from tqdm import tqdm
 
-    shard_dir = Path(shard_dir)
     meta = load_meta(shard_dir)
     problems: list[str] = []
     summary: list[str] = []
-    jobs = [(str(shard_dir / name), meta["num_classes"]) for s in meta["splits"].values() for name in s["shards"]]
+    jobs = [(join(shard_dir, name), meta["num_classes"]) for s in meta["splits"].values() for name in s["shards"]]
     bar = tqdm(total=len(jobs), desc="verify", unit="shard", disable=not progress)
     if workers > 1:
         with Pool(workers) as pool:
@@ -329,13 +414,15 @@ def verify_shards(shard_dir: str | Path, *, workers: int = 1, progress: bool = T
     bar.close()
     by_path = {r.path: r for r in results}
     for split, info in meta["splits"].items():
-        checks = [by_path[str(shard_dir / name)] for name in info["shards"]]
+        checks = [by_path[join(shard_dir, name)] for name in info["shards"]]
         problems += _compare_split(split, info, checks, meta["num_classes"])
         summary.append(f"  {split}: {sum(c.num_samples for c in checks)} samples in {len(checks)} shards")
     if "train" in meta["splits"] and meta["class_counts"] != meta["splits"]["train"]["class_counts"]:
         problems.append("meta.json: class_counts differs from splits.train.class_counts")
     listed = {name for s in meta["splits"].values() for name in s["shards"]}
-    extra = sorted(p.name for p in shard_dir.glob("*.tar") if p.name not in listed)
+    present = list_remote(str(shard_dir), "*.tar") if is_url(shard_dir) else [
+        p.name for p in local_path(shard_dir).glob("*.tar")]  # fmt: skip
+    extra = sorted(name for name in present or [] if name not in listed)
     if extra:
         problems.append(f"{shard_dir}: tar files not listed in meta.json: {extra[:5]}")
     status = "OK" if not problems else f"FAILED ({len(problems)} problems)"

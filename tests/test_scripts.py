@@ -52,7 +52,10 @@ def test_bench_data_runs_and_reports_both_pipelines():
         stream, folder = r["webdataset_stream"]["img_s"], r["imagefolder"]["img_s"]
         assert stream > 0 and folder > 0, name
         assert r["ratio"] == round(stream / folder, 3)
-        assert r["all_img_s"] == {"webdataset_stream": [stream], "imagefolder": [folder]}
+        http = r["webdataset_stream_http_localhost"]["img_s"]  # the same shards served over HTTP on localhost
+        assert http > 0 and r["http_over_local"] == round(http / stream, 3)
+        assert r["all_img_s"] == {"webdataset_stream": [stream], "imagefolder": [folder],
+                                  "webdataset_stream_http_localhost": [http]}
 
 
 def dry_run(tmp_path: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:

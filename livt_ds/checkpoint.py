@@ -75,20 +75,27 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_la
 
 
 def to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert ``ckpt_dir/tag`` to DeepSpeed's universal format (once, on rank 0); return the new tag."""
+    """Convert ``ckpt_dir/tag`` to DeepSpeed's universal format (once, on rank 0); return the new tag.
+
+    A collective when a process group is up: every rank must call it; a failure on rank 0 raises on every rank."""
     uni_tag = f"{tag}_universal"
+    error = None
     if dist.is_main() and not (ckpt_dir / uni_tag).is_dir():
         tmp = ckpt_dir / f"{uni_tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
                "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
                "--num_merge_workers", "1"]
-        print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint for a new world size ...", flush=True)
+        print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint ...", flush=True)
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise CheckpointError(f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}")
-        tmp.rename(ckpt_dir / uni_tag)
-    dist.barrier()
+            error = f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}"
+        else:
+            tmp.rename(ckpt_dir / uni_tag)
+            (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
+    error = dist.broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
     return uni_tag
 
 
@@ -111,22 +118,41 @@ def find_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
                           "nor a tag folder")
 
 
-def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
-    """Refuse, before DeepSpeed tries, a checkpoint whose parameter names/shapes differ from ``model``'s."""
+def _model_states(tag_dir: Path) -> dict[str, Any]:
+    """The rank-0 ``*model_states.pt`` of a tag folder: param_shapes, buffer_names, the module state dict."""
     files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
     if not files:
         raise CheckpointError(f"{tag_dir}: no *model_states.pt; not a livt/DeepSpeed checkpoint")
     from livt_ds.safe_load import load_torch_file
 
-    states = load_torch_file(files[0])
+    return load_torch_file(files[0])
+
+
+def _saved_param_shapes(states: dict[str, Any]) -> dict[str, tuple]:
     saved: dict[str, tuple] = {}
     for group in [*states.get("param_shapes", []), states.get("frozen_param_shapes") or {}]:
         saved.update({name: tuple(shape) for name, shape in group.items()})
+    return saved
+
+
+def persistent_buffer_names(model: torch.nn.Module) -> set[str]:
+    """Buffers that are part of the state dict (fixed tables such as the MAE's sin-cos ``pos_embed``)."""
+    params = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_buffers() if name not in params and name in model.state_dict()}
+
+
+def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
+    """Refuse, before DeepSpeed tries, a checkpoint whose parameter names/shapes or buffers differ from
+    ``model``'s (a checkpoint that lacks a buffer, e.g. one made when the fixed tables were frozen parameters)."""
+    states = _model_states(tag_dir)
+    saved = _saved_param_shapes(states)
     current = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
     problems = [f"{n}: {list(saved[n])} in the checkpoint, {list(current[n])} here"
                 for n in current if n in saved and saved[n] != current[n]]
     problems += [f"{n}: only in the checkpoint" for n in saved if n not in current]
     problems += [f"{n}: not in the checkpoint" for n in current if n not in saved]
+    saved_buffers = set(states.get("buffer_names") or [])
+    problems += [f"buffer {n}: not in the checkpoint" for n in sorted(persistent_buffer_names(model) - saved_buffers)]
     if problems:
         raise CheckpointError(f"{tag_dir} does not match the model being trained (another model size or stage?): "
                               + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""))
@@ -134,13 +160,7 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
 
 def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
     """The resolved recipe a checkpoint was trained with (its client state), None for a checkpoint without one."""
-    files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
-    if not files:
-        raise CheckpointError(f"{tag_dir}: no *model_states.pt; not a livt/DeepSpeed checkpoint")
-    from livt_ds.safe_load import load_torch_file
-
-    states = load_torch_file(files[0])
-    recipe = states.get("recipe")
+    recipe = _model_states(tag_dir).get("recipe")
     return recipe if isinstance(recipe, dict) else None
 
 
@@ -159,15 +179,62 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- plain weights
 
 
+def written_by_bf16_optimizer(tag_dir: Path) -> bool:
+    """True for a checkpoint of DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + fp32 gradient accumulation): its
+    optimizer state has no ``zero_stage``, so DeepSpeed's zero_to_fp32 cannot read it."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+
+    files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); "
+                              "not a livt/DeepSpeed checkpoint")
+    optim = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+    return ZERO_STAGE not in optim
+
+
+def universal_state_dict(uni_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 parameters from a universal checkpoint folder (``zero/<name>/fp32.pt``, flat or shaped, bare or as
+    ``{"param": tensor}``) reshaped to the recorded shapes, plus the buffers of its model states file."""
+    states = _model_states(uni_dir)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in _saved_param_shapes(states).items():
+        path = uni_dir / "zero" / name / "fp32.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{uni_dir}: {path.relative_to(uni_dir)} missing; the universal conversion is "
+                                  f"incomplete (delete {uni_dir} to redo it)")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        tensor = saved["param"] if isinstance(saved, dict) else saved
+        out[name] = tensor.float().reshape(shape)
+    module = states.get("module") or {}
+    out.update({name: module[name] for name in states.get("buffer_names") or [] if name in module})
+    return out
+
+
 def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of a ZeRO-1/2/3 checkpoint, without DeepSpeed engines (DeepSpeed's zero_to_fp32)."""
+    """fp32 parameters and buffers of a ZeRO-1/2/3 checkpoint, without DeepSpeed engines.
+
+    DeepSpeed's zero_to_fp32 reads ZeRO checkpoints; a BF16_Optimizer checkpoint (ZeRO-1 with fp32 gradient
+    accumulation) goes through the universal format instead (converted once next to it, ``<tag>_universal``; a
+    collective when a process group is up). Every tensor the engine saved in the module state dict must come back:
+    a checkpoint that lost one (a frozen parameter under ZeRO-1) is an error, never a silently partial model.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    tag_dir = ckpt_dir / tag
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        if written_by_bf16_optimizer(tag_dir):
+            state = universal_state_dict(ckpt_dir / to_universal(ckpt_dir, tag))
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - report which checkpoint failed and why
-        raise CheckpointError(f"{ckpt_dir / tag}: cannot consolidate to fp32 weights: {exc}") from exc
-    return {k: v.float() for k, v in state.items()}
+        raise CheckpointError(f"{tag_dir}: cannot consolidate to fp32 weights: {exc}") from exc
+    lost = sorted(set(_model_states(tag_dir).get("module") or {}) - set(state))
+    if lost:
+        raise CheckpointError(f"{tag_dir}: the checkpoint lacks the fp32 values of {lost[:8]} (frozen parameters "
+                              "that this ZeRO stage does not save?); it cannot be exported or used as model.init")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 WEIGHT_FILES = ("model.safetensors", "model.pt")  # in a folder, the first found wins

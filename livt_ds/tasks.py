@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from livt_ds import dist
-from livt_ds.checkpoint import load_weights
+from livt_ds.checkpoint import CheckpointError, load_weights
 from livt_ds.config import ConfigError, Recipe
 from livt_ds.data import transforms
 from livt_ds.losses import build_loss
@@ -162,11 +162,14 @@ class FinetuneTask:
             model.set_grad_checkpointing(True)
         self.init_report: dict[str, list[str]] | None = None
         if m.init:
-            self.init_report = load_encoder_weights(model, load_weights(m.init))
+            try:
+                self.init_report = load_encoder_weights(model, load_weights(m.init))
+            except ValueError as exc:
+                raise CheckpointError(f"model.init={m.init}: {exc}") from exc
             if dist.is_main():
                 r = self.init_report
-                print(f"[livt] model.init={m.init}: missing {r['missing']}, unexpected {r['unexpected']}, "
-                      f"ignored {len(r['ignored'])} keys (decoder / other head)")
+                print(f"[livt] model.init={m.init}: new (not in the checkpoint) {r['missing']}, unexpected "
+                      f"{r['unexpected']}, ignored {len(r['ignored'])} keys (decoder / other head)")
         return model
 
     def train_transform(self):

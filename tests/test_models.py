@@ -270,3 +270,26 @@ def test_wrong_model_size_raises_clear_error() -> None:
         load_encoder_weights(build_classifier("vit_test", 32, 4, 10), mae.state_dict())
     with pytest.raises(ValueError, match="state dict"):
         load_encoder_weights(demo, {"epoch": 3})
+
+
+def test_fixed_pos_tables_are_fp32_buffers_in_the_state_dict() -> None:
+    """Buffers, not frozen parameters: ZeRO-1 drops frozen parameters from its checkpoints, buffers it keeps."""
+    mae = _mae()
+    params = dict(mae.named_parameters())
+    assert "encoder.pos_embed" not in params and "decoder_pos_embed" not in params
+    state = mae.state_dict()
+    assert torch.equal(state["encoder.pos_embed"][0], sincos_pos_embed_2d(32, (4, 4)))
+    assert torch.equal(state["decoder_pos_embed"][0], sincos_pos_embed_2d(32, (4, 4)))
+    mae.to(torch.bfloat16)  # a blanket cast still runs (the tables are cast to the compute dtype in forward)
+    assert mae(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))[0].isfinite()
+
+
+def test_init_missing_a_trunk_key_is_an_error_naming_it() -> None:
+    mae = _mae()
+    state = {k: v for k, v in mae.state_dict().items() if k != "encoder.pos_embed"}
+    clf = build_classifier("vit_test", 32, 8, 10)
+    with pytest.raises(ValueError, match=r"lacks 1 key.*'pos_embed'.*livt export"):
+        load_encoder_weights(clf, state)
+    state = {k: v for k, v in mae.encoder.state_dict().items() if not k.startswith("blocks.1.attn.")}
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.proj\.bias"):
+        load_encoder_weights(build_classifier("vit_test", 32, 8, 10, global_pool="token"), state)

@@ -107,11 +107,11 @@ class MaskedAutoencoder(nn.Module):
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0, global_pool="token",
         )
-        self.encoder.pos_embed.requires_grad_(False)
-        num_patches = self.encoder.patch_embed.num_patches
+        grid = tuple(self.encoder.patch_embed.grid_size)
+        _make_fixed(self.encoder, "pos_embed", sincos_pos_embed_2d(embed_dim, grid).unsqueeze(0))
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim), requires_grad=False)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, grid).unsqueeze(0))
         self.decoder_blocks = nn.Sequential(*[
             Block(decoder_dim, decoder_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(decoder_depth)
         ])
@@ -122,11 +122,8 @@ class MaskedAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ setup
     def initialize_weights(self) -> None:
-        """METHOD.md init: fixed sin-cos pos embeds, xavier-uniform Linear (patch conv as Linear), tokens N(0, .02)."""
-        grid = tuple(self.encoder.patch_embed.grid_size)
+        """MAE init: xavier-uniform Linear (patch conv as Linear), tokens N(0, .02); the pos tables are fixed."""
         with torch.no_grad():
-            self.encoder.pos_embed.copy_(sincos_pos_embed_2d(self.encoder.embed_dim, grid).unsqueeze(0))
-            self.decoder_pos_embed.copy_(sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], grid).unsqueeze(0))
             proj = self.encoder.patch_embed.proj.weight
             nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
             if self.encoder.patch_embed.proj.bias is not None:
@@ -146,8 +143,8 @@ class MaskedAutoencoder(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that take no weight decay (tokens and positional embeddings)."""
-        return {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
+        """Parameter names that take no weight decay (the tokens; the pos tables are buffers, not trained)."""
+        return {"encoder.cls_token", "mask_token"}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -182,9 +179,10 @@ class MaskedAutoencoder(nn.Module):
     def forward_encoder(self, images: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
         """images [B,3,H,W] -> (latent [B, 1+K, D], mask [B, L], ids_restore [B, L])."""
         enc = self.encoder
-        x = enc.patch_embed(images) + enc.pos_embed[:, 1:, :]
+        x = enc.patch_embed(images)
+        x = x + enc.pos_embed[:, 1:, :].to(x.dtype)  # the fp32 table in the compute dtype (bf16 under DeepSpeed)
         x, mask, ids_restore = random_masking(x, mask_ratio)
-        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (enc.cls_token + enc.pos_embed[:, :1, :].to(enc.cls_token.dtype)).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         if enc.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(enc.blocks, x)
@@ -226,6 +224,17 @@ class MaskedAutoencoder(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(images, pred, mask)
         return loss, pred, mask
+
+
+def _make_fixed(module: nn.Module, name: str, table: Tensor) -> None:
+    """Replace ``module.<name>`` (a timm parameter) by a persistent fp32 buffer holding ``table``.
+
+    A buffer keeps its state-dict key (``encoder.pos_embed`` loads into the classifier's learnable ``pos_embed``),
+    stays fp32 under DeepSpeed's bf16 (only parameters are cast) and is saved by every ZeRO stage, whereas a frozen
+    parameter is dropped from ZeRO-1 checkpoints.
+    """
+    delattr(module, name)
+    module.register_buffer(name, table)
 
 
 def _init_module(module: nn.Module) -> None:

@@ -20,6 +20,7 @@ __all__ = ["load_encoder_weights", "interpolate_pos_embed", "unwrap_state_dict"]
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 _HEAD_PREFIXES = ("head.",)
+NEW_HEAD_PREFIXES = ("head.", "fc_norm.")  # what a fresh BFT classifier may lack in an MGP checkpoint
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -106,20 +107,31 @@ def _match_shapes(
     return matched, ignored
 
 
-def load_encoder_weights(model: VisionTransformer, state_dict: Mapping[str, object]) -> dict[str, list[str]]:
+def load_encoder_weights(
+    model: VisionTransformer, state_dict: Mapping[str, object], allow_missing: tuple[str, ...] = NEW_HEAD_PREFIXES
+) -> dict[str, list[str]]:
     """Load an MGP encoder (MAE state dict, `encoder.*` keys), a bare encoder or a classifier into `model`.
 
-    Accepts plain or {"model": sd} / {"module": sd} wrapped state dicts. Returns {"missing", "unexpected",
-    "ignored"} key lists: for a fresh BFT model `head.*` and `fc_norm.*` are missing (normal) and, with average
-    pooling, the encoder's final `norm.*` is unexpected; decoder keys of an MAE state dict and a head with another
-    number of classes are ignored. `pos_embed` is resampled bicubically when the patch grids differ.
-    Raises ValueError when shapes cannot match (another width, depth or patch size).
+    Accepts plain or {"model": sd} / {"module": sd} wrapped state dicts. Strict about the trunk: a key of `model`
+    that the checkpoint lacks raises ValueError naming it, unless it starts with one of `allow_missing` (the new
+    `head.*` and `fc_norm.*` of a BFT model, which MGP never had). Returns {"missing", "unexpected", "ignored"}
+    key lists: with average pooling the encoder's final `norm.*` is unexpected; decoder keys of an MAE state dict
+    and a head with another number of classes are ignored. `pos_embed` is resampled bicubically when the patch
+    grids differ. Raises ValueError when shapes cannot match (another width, depth or patch size).
     """
     source, ignored = _split_mae(unwrap_state_dict(state_dict))
     target = model.state_dict()
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     matched, head_ignored = _match_shapes(source, target, grid)  # type: ignore[arg-type]
     _check_blocks(source, target)
+    lacking = sorted(k for k in target if k not in matched and not k.startswith(tuple(allow_missing)))
+    if lacking:
+        raise ValueError(
+            f"load_encoder_weights: the checkpoint lacks {len(lacking)} key(s) of the model: {lacking[:8]}"
+            f"{' ...' if len(lacking) > 8 else ''}; only a new head ({', '.join(p + '*' for p in allow_missing)}) "
+            "may be missing. The checkpoint is incomplete or of another model: export the MGP/BFT run again with "
+            "`livt export RUN` (or point model.init at the run folder) with the current code"
+        )
     ignored += head_ignored
     loadable = {k: v for k, v in matched.items() if k in target}
     with torch.no_grad():

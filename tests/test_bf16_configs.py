@@ -1,0 +1,148 @@
+"""Every shipped bf16 DeepSpeed config, end to end on 2 CPU ranks (gloo; DeepSpeed runs bf16 on CPU).
+
+Per config: MGP (uninterrupted) and MGP stopped at step 2 + `--resume auto` (same per-step losses), a 1-rank resume
+of the stopped run's 2-rank checkpoint through the universal format, BFT with model.init = the MGP run, `livt eval`
+of the BFT export, exports of both. Plus the dtype gradients really accumulate in, for each config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, free_port, launcher_env, run_livt, train_losses
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = ["zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "zero2_offload_bf16.json"]
+STEPS = 3  # 51 toy images // (8 x 2 ranks) = 3 optimizer steps = 1 epoch
+STOP = 2
+
+
+def mgp_args(ds: str, shards: Path) -> list[str]:
+    return ["--config", "configs/tiny_mgp.yaml", "--ds-config", f"ds_configs/{ds}", f"data.path={shards}",
+            "train.epochs=1"]
+
+
+def bft_args(ds: str, shards: Path) -> list[str]:
+    return ["--config", "configs/tiny_bft.yaml", "--ds-config", f"ds_configs/{ds}", f"data.path={shards}",
+            "train.epochs=1", "augment.mixup=0", "augment.cutmix=0"]
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def chain(request, toy_shards, tmp_path_factory) -> dict:
+    """The runs of one config; each assertion below reads them, none launches its own."""
+    from livt_ds.checkpoint import export
+
+    ds = request.param
+    out = tmp_path_factory.mktemp(ds.removesuffix(".json"))
+    mgp = mgp_args(ds, toy_shards)
+    run_livt(["pretrain", *mgp, "--output", str(out / "mgp")])
+    run_livt(["pretrain", *mgp, "--output", str(out / "part"), f"train.stop_after_steps={STOP}"])
+    stopped_tag = (out / "part" / "checkpoints" / "latest").read_text().strip()
+    shutil.copytree(out / "part" / "checkpoints", out / "one_rank" / "checkpoints")
+    run_livt(["pretrain", *mgp, "--output", str(out / "part"), "--resume", "auto"])
+    # the 2-rank checkpoint on 1 rank (universal format), same global batch; lr 0 keeps the weights as loaded
+    run_livt(["pretrain", *mgp, "--output", str(out / "one_rank"), "train.batch_size=16", "train.lr=0",
+              "--resume", "auto"], ranks=0)
+    run_livt(["finetune", *bft_args(ds, toy_shards), "--output", str(out / "bft"), f"model.init={out / 'mgp'}"])
+    for run in ("mgp", "bft", "one_rank"):
+        export(out / run)
+    run_livt(["eval", *bft_args(ds, toy_shards), "--output", str(out / "eval"),
+              f"model.init={out / 'bft' / 'export' / 'model.pt'}"], ranks=0)
+    return {"ds": ds, "out": out, "stopped_tag": stopped_tag}
+
+
+def exported(run: Path, name: str = "model.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run / "export" / name, map_location="cpu", weights_only=False)["model"]
+
+
+def test_mgp_export_holds_every_tensor_and_the_sincos_tables(chain):
+    from livt_ds.models.mae import sincos_pos_embed_2d
+    from livt_ds.models.registry import build_mae
+
+    out = chain["out"]
+    mae = build_mae("vit_test", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    state = exported(out / "mgp")
+    mae.load_state_dict(state, strict=True)  # every parameter and buffer of the MGP model
+    mae.encoder.load_state_dict(exported(out / "mgp", "encoder.pt"), strict=True)
+    assert torch.equal(state["encoder.pos_embed"][0], sincos_pos_embed_2d(32, (4, 4)))
+    assert torch.equal(state["decoder_pos_embed"][0], sincos_pos_embed_2d(32, (4, 4)))
+
+
+def test_bft_starts_from_the_mgp_encoder_and_exports_every_tensor(chain):
+    from livt_ds.models.mae import sincos_pos_embed_2d
+    from livt_ds.models.registry import build_classifier
+
+    out = chain["out"]
+    state = exported(out / "bft")
+    build_classifier("vit_test", 32, 8, num_classes=4).load_state_dict(state, strict=True)
+    # BFT started from the MGP encoder: every trunk tensor is where MGP left it, up to bf16 rounding of the start
+    # (DeepSpeed builds the fp32 master weights from the bf16 copy) and STEPS Adam steps of at most ~lr each.
+    # A random start (timm: N(0, 0.02) tokens and pos_embed, xavier/trunc-normal weights) is O(0.1-1) away.
+    lr = json.loads((out / "bft" / "ds_config.json").read_text())["optimizer"]["params"]["lr"]
+    mgp = exported(out / "mgp", "encoder.pt")
+    assert torch.equal(mgp["pos_embed"][0], sincos_pos_embed_2d(32, (4, 4)))
+    trunk = [k for k in mgp if not k.startswith("norm.")]  # avg pooling: the classifier has fc_norm instead
+    assert "pos_embed" in trunk and "cls_token" in trunk and len(trunk) > 20
+    for key in trunk:
+        bound = 3 * STEPS * lr + mgp[key].abs() * 2.0**-8
+        assert ((state[key] - mgp[key]).abs() <= bound).all(), (key, (state[key] - mgp[key]).abs().max())
+
+
+def test_resumed_bf16_run_follows_the_uninterrupted_one(chain):
+    out = chain["out"]
+    assert chain["stopped_tag"] == f"step{STOP:08d}"
+    full, part = train_losses(out / "mgp"), train_losses(out / "part")
+    assert sorted(full) == sorted(part) == list(range(1, STEPS + 1))
+    assert part == full  # CPU bf16 is deterministic: the same losses, bit for bit
+
+
+def test_universal_resume_onto_one_rank(chain):
+    from livt_ds.checkpoint import consolidate
+
+    out = chain["out"]
+    ckpt = out / "one_rank" / "checkpoints"
+    assert sorted(train_losses(out / "one_rank")) == list(range(STOP + 1, STEPS + 1))
+    assert (ckpt / f"{chain['stopped_tag']}_universal").is_dir()
+    # with lr 0 the 1-rank run keeps the fp32 weights it loaded: they are the 2-rank checkpoint's, exactly
+    loaded, saved = exported(out / "one_rank"), consolidate(ckpt, chain["stopped_tag"])
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_export_gives_the_engine_eval_metrics(chain):
+    out = chain["out"]
+    engine = json.loads((out / "bft" / "metrics.json").read_text())
+    plain = json.loads((out / "eval" / "metrics.json").read_text())
+    assert plain["num_samples"] == engine["num_samples"] == 20
+    for key in ("top1", "many", "medium", "few"):
+        assert plain[key] == engine[key], key
+    assert plain["ece"] == pytest.approx(engine["ece"], abs=2e-2)  # engine logits are bf16, the export runs fp32
+
+
+def test_gradients_accumulate_in_fp32_on_every_shipped_bf16_config(tmp_path):
+    """A real engine per config accumulates 8 micro-batches; see tests/grad_accum_probe.py for the oracle."""
+    from grad_accum_probe import FP32_SUM
+
+    bf16_accum = json.loads((REPO / "ds_configs" / "zero1_bf16.json").read_text())
+    bf16_accum.pop("data_types")  # the control: DeepSpeed's default for bf16 ZeRO-1 accumulates in bf16
+    (tmp_path / "bf16_accum.json").write_text(json.dumps(bf16_accum))
+    paths = [str(REPO / "ds_configs" / name) for name in CONFIGS] + [str(tmp_path / "bf16_accum.json")]
+    cmd = [sys.executable, str(REPO / "tests" / "grad_accum_probe.py"), str(free_port()), str(tmp_path / "r.json"),
+           *paths]
+    result = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = {Path(r["config"]).name: r for r in json.loads((tmp_path / "r.json").read_text())}
+    for name in CONFIGS:
+        r = found[name]
+        assert r["param_dtype"] == "torch.bfloat16", r
+        assert r["grad_dtype"] == "torch.float32" and set(r["grad"]) == {FP32_SUM}, (name, r["optimizer"])
+    assert found["zero1_bf16.json"]["optimizer"] == "BF16_Optimizer"
+    assert set(found["bf16_accum.json"]["grad"]) == {1.0}  # the probe does see bf16 accumulation

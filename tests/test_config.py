@@ -168,7 +168,7 @@ def test_shipped_recipes_give_each_stage_its_betas_through_the_shipped_json():
 # the README's table of ds_configs/: stage, bf16, fp32 gradient accumulation, optimizer offload
 SHIPPED_DS = {
     "cpu_fp32.json": {"stage": 2, "bf16": False, "grad_accum_dtype": None, "offload": None},
-    "zero1_bf16.json": {"stage": 1, "bf16": True, "grad_accum_dtype": None, "offload": None},
+    "zero1_bf16.json": {"stage": 1, "bf16": True, "grad_accum_dtype": "fp32", "offload": None},
     "zero2_bf16.json": {"stage": 2, "bf16": True, "grad_accum_dtype": "fp32", "offload": None},
     "zero3_bf16.json": {"stage": 3, "bf16": True, "grad_accum_dtype": "fp32", "offload": None},
     "zero2_offload_bf16.json": {"stage": 2, "bf16": True, "grad_accum_dtype": "fp32", "offload": "cpu"},

@@ -57,9 +57,26 @@ def toy_shards(tmp_path_factory) -> Path:
     return out
 
 
+# CI runs the launches on CPU ranks (gloo). scripts/gpu_check.sh runs tests/test_bf16_configs.py with
+# LIVT_TEST_DEVICE=cuda: the same launches on CUDA ranks (nccl), as many as there are GPUs, 2 at most.
+TEST_DEVICE = os.environ.get("LIVT_TEST_DEVICE", "cpu")
+
+
+def launch_ranks(wanted: int = 2) -> int:
+    """How many ranks a launch test gets: ``wanted`` CPU processes, or on CUDA at most one per GPU."""
+    if TEST_DEVICE == "cpu":
+        return wanted
+    import torch
+
+    return min(wanted, torch.cuda.device_count())
+
+
 def launcher_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["DS_ACCELERATOR"] = "cpu"
+    if TEST_DEVICE == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    else:
+        env.pop("DS_ACCELERATOR", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env.pop("RANK", None)
@@ -79,7 +96,7 @@ def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check:
              timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `livt ARGS` under the deepspeed launcher with ``ranks`` CPU processes (or plainly when ranks == 0)."""
     if ranks:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launch_ranks(ranks)),
                "--master_port", str(free_port()), "--module", "livt_ds", *args]
     else:
         cmd = [sys.executable, "-m", "livt_ds", *args]

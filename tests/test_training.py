@@ -203,7 +203,8 @@ def test_resume_follows_the_uninterrupted_run(toy_shards, tmp_path, stage):
         (out / "checkpoints" / "latest").write_text("step00000002")
         # one step with lr 0 after the resume: the weights must come out exactly as the 2-rank run saved them
         run_livt(["pretrain", *args, "--output", str(out), "train.batch_size=16", "train.blr=0", "train.min_lr=0",
-                  "train.stop_after_steps=3", "checkpoint.keep_last=10", "--resume", "auto"], ranks=0)
+                  "train.stop_after_steps=3", "checkpoint.keep_last=10", "--resume", "auto", "--allow-recipe-change"],
+                 ranks=0)
         resumed = train_losses(out)
         assert sorted(resumed) == [3]
         assert all(abs(resumed[s] - full[s]) < 0.5 * abs(full[s]) + 1e-3 for s in resumed)
@@ -387,7 +388,7 @@ def test_checkpoint_of_another_model_size_is_refused(pipeline_runs, toy_shards, 
 
     shutil.copytree(pipeline_runs / "mgp" / "checkpoints", tmp_path / "r2" / "checkpoints")
     result = livt_plain(["pretrain", *MGP, "--output", str(tmp_path / "r2"), f"data.path={toy_shards}",
-                         "model.name=vit_demo", "model.decoder_dim=64"])
+                         "model.name=vit_demo", "model.decoder_dim=64", "--allow-recipe-change"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "does not match the model" in result.stderr
 
@@ -397,7 +398,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     args = ["pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}", "train.epochs=3", "eval.every=0",
             "checkpoint.every_steps=1", "checkpoint.keep_last=10"]
     assert livt_plain([*args, "train.stop_after_steps=1"]).returncode == 0
-    result = livt_plain([*args, "train.lr=1e30"])  # resumes at step 1, then the weights explode
+    result = livt_plain([*args, "train.lr=1e30", "--allow-recipe-change"])  # resumes at step 1, then explodes
     assert result.returncode == 3, result.stderr[-2000:]
     match = re.search(r"non-finite at optimizer step (\d+)", result.stderr)
     assert match, result.stderr[-2000:]

@@ -154,7 +154,7 @@ class FinetuneTask:
     def train_transform(self):
         a = self.recipe.augment
         return transforms.bft_transform(self.recipe.model.img_size, self.mean, self.std,
-                                        rand_augment=a.rand_augment, re_prob=a.re_prob)
+                                        rand_augment=a.rand_augment, re_prob=a.re_prob, crop_scale=a.crop_scale)
 
     def eval_transform(self):
         return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)

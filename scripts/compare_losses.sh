@@ -29,7 +29,7 @@ for tool in python deepspeed; do
 done
 
 [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || die "COMPARE_SEEDS=$SEEDS: give a positive number of seeds (1 for a quick look)"
-source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), micro_batch, free_port, finished
+source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), ds_launch, micro_batch, finished
 DEVICE_TEXT="$HW_TEXT"
 
 read -r -a BFT_MICRO <<< "$(micro_batch "$BFT_CONFIG")"
@@ -103,7 +103,7 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
             say "runs/demo/bft (make demo) is this very run (same recipe, MGP and seed): reusing it"
             run=runs/demo/bft
         else
-            deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" --module livt_ds finetune \
+            ds_launch finetune \
                 --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$run" "${overrides[@]}" log.progress=false \
                 || die "BFT ${LABELS[$i]} seed $seed failed (see above); its run folder is $run"
             echo "$(( $(date +%s) - T )) s wall on $DEVICE_TEXT (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))" \

@@ -28,7 +28,7 @@ done
 python -c "import livt_ds" 2> /dev/null || die "python cannot import livt_ds: install the package (make venv) and activate .venv"
 
 # ------------------------------------------------------------------------------------------ devices
-source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), micro_batch, free_port, finished
+source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), ds_launch, micro_batch, finished
 if (( NUM_CUDA > 0 )); then
     DEVICE_TEXT="$HW_TEXT (of $NUM_CUDA), $DS_CONFIG"
 else
@@ -36,9 +36,6 @@ else
 fi
 
 
-launch() {  # launch SUBCOMMAND ARGS...: the livt CLI on NPROC ranks through the DeepSpeed launcher
-    deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" --module livt_ds "$@"
-}
 
 
 read -r -a MGP_MICRO <<< "$(micro_batch "$MGP_CONFIG")"
@@ -109,7 +106,7 @@ say "2/4 MGP: masked generative pretraining, $MGP_CONFIG -> $OUT/mgp (progress b
 if finished "$OUT/mgp"; then
     say "$OUT/mgp already finished: reusing it (DEMO_FRESH=1 retrains)"
 else
-    launch pretrain --config "$MGP_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/mgp" \
+    ds_launch pretrain --config "$MGP_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/mgp" \
         data.path="$SHARDS" "${MGP_MICRO[@]}" "${EXTRA[@]}" \
         || die "MGP failed (see the messages above); its run folder is $OUT/mgp"
     wall_time "$OUT/mgp" "$T"
@@ -126,7 +123,7 @@ say "3/4 BFT: balanced fine-tuning with Bal-BCE, $BFT_CONFIG (model.init=$OUT/mg
 if finished "$OUT/bft"; then
     say "$OUT/bft already finished: reusing it (DEMO_FRESH=1 retrains)"
 else
-    launch finetune --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/bft" \
+    ds_launch finetune --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/bft" \
         data.path="$SHARDS" model.init="$OUT/mgp" "${BFT_MICRO[@]}" "${EXTRA[@]}" \
         || die "BFT failed (see the messages above); its run folder is $OUT/bft"
     wall_time "$OUT/bft" "$T"

@@ -117,7 +117,8 @@ class PretrainTask:
         mask_images = mae.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
         from livt_ds import report
 
-        return report.reconstruction_grid(images, pred_images, mask_images, self.mean, self.std)
+        scale = max(1, 128 // images.shape[-1])  # nearest-neighbour x4 for 32 px: tiles people can see
+        return report.reconstruction_grid(images, pred_images, mask_images, self.mean, self.std, scale=scale)
 
 
 class FinetuneTask:

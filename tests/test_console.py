@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO
 
 _PROBE = textwrap.dedent(
@@ -27,6 +29,7 @@ _PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # starts DeepSpeed in a fresh process (tens of seconds)
 def test_cpu_start_and_collectives_print_no_library_warnings(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):

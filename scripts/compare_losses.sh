@@ -29,6 +29,17 @@ for tool in python deepspeed; do
 done
 
 [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || die "COMPARE_SEEDS=$SEEDS: give a positive number of seeds (1 for a quick look)"
+ALL_NAMES=(ce bal_ce bce bal_bce bal_bce_no_mgp)
+ALL_LABELS=("CE" "Bal-CE" "BCE" "Bal-BCE" "Bal-BCE, no MGP")
+read -r -a WANTED <<< "${COMPARE_LOSSES:-${ALL_NAMES[*]}}"
+for want in "${WANTED[@]}"; do
+    [[ " ${ALL_NAMES[*]} " == *" $want "* ]] || die "COMPARE_LOSSES: unknown '$want'; choose from: ${ALL_NAMES[*]}"
+done
+NAMES=()   # the wanted ones, in the order above (the table's row order)
+LABELS=()
+for i in "${!ALL_NAMES[@]}"; do
+    if [[ " ${WANTED[*]} " == *" ${ALL_NAMES[$i]} "* ]]; then NAMES+=("${ALL_NAMES[$i]}"); LABELS+=("${ALL_LABELS[$i]}"); fi
+done
 source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), ds_launch, micro_batch, finished
 DEVICE_TEXT="$HW_TEXT"
 
@@ -68,18 +79,6 @@ fi
 mkdir -p "$OUT"
 
 # ------------------------------------------------------------------------------------------ BFT runs
-ALL_NAMES=(ce bal_ce bce bal_bce bal_bce_no_mgp)
-ALL_LABELS=("CE" "Bal-CE" "BCE" "Bal-BCE" "Bal-BCE, no MGP")
-read -r -a WANTED <<< "${COMPARE_LOSSES:-${ALL_NAMES[*]}}"
-NAMES=()
-LABELS=()
-for want in "${WANTED[@]}"; do
-    found=0
-    for i in "${!ALL_NAMES[@]}"; do
-        if [[ "${ALL_NAMES[$i]}" == "$want" ]]; then NAMES+=("$want"); LABELS+=("${ALL_LABELS[$i]}"); found=1; fi
-    done
-    (( found )) || die "COMPARE_LOSSES: unknown '$want'; choose from: ${ALL_NAMES[*]}"
-done
 RUN_ARGS=()   # run folders for livt_ds.compare, one per (loss, seed)
 LABEL_ARGS=() # the matching labels: runs of one label are averaged as seeds
 WALLS=()      # BFT wall seconds of the runs trained now or before

@@ -135,8 +135,9 @@ print(f"{m['name']} ({m['img_size']} px, patch {m['patch_size']}); MGP {mt['epoc
       "for Bal-CE and Bal-BCE")
 EOF
 )
-NOTE_ARGS=(--note "Budget: $BUDGET; seeds 0..$(( SEEDS - 1 )) (train.seed sets the initial head weights, all weights without MGP, the data order, augmentation and drop-path; the MGP run is shared)." --note "Data: the built-in demo set ($SHARDS): 10 classes, 32 px, 1,236 long-tailed training images (500..5 per class), 100 val images per class.")
+NOTE_ARGS=(--note "Budget: $BUDGET; seeds 0..$(( SEEDS - 1 )) (train.seed sets the initial head weights, all weights without MGP, the data order, augmentation and drop-path; the MGP run is shared)." --note "Data: the built-in demo set ($SHARDS): 10 classes, 32 px, 1,236 long-tailed training images (500..5 per class), 100 val images per class; each few-shot class is a new combination of colour, texture and shape values that the frequent classes need (livt_ds/data/demo.py).")
 for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
+NOTE_ARGS+=(--note "A few seeds of one small model on one synthetic set: a difference smaller than about two standard deviations is not a result. What these runs show and do not show: README.md, 'Demo results'.")
 say "writing the report to $DOCS/"
 python -m livt_ds.compare "${RUN_ARGS[@]}" --labels "${LABEL_ARGS[@]}" --output "$DOCS" --meta "$SHARDS" \
     --title "Loss comparison on the demo set" "${NOTE_ARGS[@]}" \

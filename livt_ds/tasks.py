@@ -17,6 +17,7 @@ from torch import nn
 from livt_ds import dist
 from livt_ds.checkpoint import load_weights
 from livt_ds.config import Recipe
+from livt_ds.console import held_output
 from livt_ds.data import transforms
 from livt_ds.losses import build_loss
 from livt_ds.metrics import classification_report
@@ -145,7 +146,9 @@ class FinetuneTask:
             model.set_grad_checkpointing(True)
         self.init_report: dict[str, list[str]] | None = None
         if m.init:
-            self.init_report = load_encoder_weights(model, load_weights(m.init))
+            with held_output():  # zero_to_fp32 prints its progress on every rank
+                weights = load_weights(m.init)
+            self.init_report = load_encoder_weights(model, weights)
             if dist.is_main():
                 r = self.init_report
                 print(f"[livt] model.init={m.init}: missing {r['missing']}, unexpected {r['unexpected']}, "

@@ -41,3 +41,16 @@ def test_cpu_start_and_collectives_print_no_library_warnings(tmp_path) -> None:
     console = done.stdout + done.stderr
     assert "No CUDA runtime is found" not in console  # torch warns so only where nvcc or CUDA_HOME exists
     assert "deprecated" not in console and "FutureWarning" not in console, console[-3000:]
+
+
+def test_held_output_drops_chatter_and_keeps_it_for_errors(capsys) -> None:
+    from livt_ds.console import held_output
+
+    with held_output():
+        print("Processing zero checkpoint")
+        print("Loading checkpoint shards: 100%", file=sys.stderr)
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(RuntimeError, match="broken"), held_output():
+        print("Parsing checkpoint")
+        raise RuntimeError("broken")
+    assert "Parsing checkpoint" in capsys.readouterr().err

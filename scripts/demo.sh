@@ -6,7 +6,8 @@
 #   4. `livt eval` of the fine-tuned model on the balanced val split  -> runs/demo/eval
 #   5. table (top-1, many/medium/few, ECE, MCE) + per-class plot        -> runs/demo/report
 # Runs on every CUDA GPU of the machine (ZeRO-2, bf16), else on 2 CPU processes (ZeRO-2, fp32, gloo).
-# About 8-10 minutes on 2 quiet CPU cores; 45 minutes measured while other jobs kept the load at 6-33. Finished runs are reused,
+# About 8-10 minutes on 2 quiet CPU cores (45 minutes measured while other jobs kept the load at 6-33).
+# Finished runs are reused,
 # interrupted ones resume from their checkpoints;
 # DEMO_FRESH=1 deletes runs/demo first. Extra recipe overrides for both stages: DEMO_OVERRIDES="train.seed=1".
 # DEMO_STOP_AFTER=mgp stops after pretraining (scripts/compare_losses.sh uses it).

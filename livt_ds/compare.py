@@ -5,6 +5,10 @@ Reads each run's ``metrics.json`` (written by training's last evaluation or by `
 the command), ``OUTPUT/per_class_accuracy.png`` and ``OUTPUT/reliability.png``. The class counts that define
 head -> tail order and the many/medium/few groups come from the shard set's ``meta.json``
 (``--meta``, else the first run's ``config.yaml`` ``data.path``).
+
+Runs that share a label are seeds of one setting (their recipes may differ in ``train.seed`` only): the table
+shows mean +- sample standard deviation over them, the per-class table and plot the per-class mean, the
+reliability diagram the bins of all their predictions pooled.
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from livt_ds import report
 
 __all__ = [
-    "RunResult", "load_run", "eval_history", "load_class_info", "comparison_markdown", "write_comparison", "main",
+    "RunResult", "load_run", "eval_history", "load_class_info", "check_seed_group", "mean_std", "mean_metrics",
+    "comparison_markdown", "write_comparison", "main",
 ]
 
 MARKDOWN_NAME = "loss_comparison.md"
 PER_CLASS_NAME = "per_class_accuracy.png"
 RELIABILITY_NAME = "reliability.png"
 _REQUIRED_METRICS = ("top1", "many", "medium", "few", "ece", "mce", "per_class", "reliability")
+_TABLE_KEYS = (
+    ("top-1", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"), ("ECE", "ece"), ("MCE", "mce"),
+)
+_IGNORED_SECTIONS = ("log", "eval", "checkpoint")  # may differ between seeds of one setting
 # Recipe keys shown per run in the "settings" table: (column, section, key).
 _SETTINGS = (
     ("init", "model", "init"),
@@ -96,14 +106,22 @@ def eval_history(run: str | Path) -> list[tuple[float, dict[str, float]]]:
     return history
 
 
-def _history_lines(runs: Mapping[str, RunResult]) -> list[str]:
+def _history_lines(groups: Mapping[str, Sequence[RunResult]]) -> list[str]:
     """Markdown table of top-1 / few-shot accuracy at each evaluation during training (how fast each loss gets
-    there); empty when no run logged evaluations."""
-    tables = {label: dict(run.history) for label, run in runs.items() if run.history}
+    there; mean over the seeds that logged that epoch); empty when no run logged evaluations."""
+    tables: dict[str, dict[float, dict[str, float | None]]] = {}
+    for label, runs in groups.items():
+        epochs = sorted({epoch for run in runs for epoch, _ in run.history})
+        if epochs:
+            rows = [[dict(run.history).get(epoch) for run in runs] for epoch in epochs]
+            tables[label] = {epoch: {key: mean_std([r.get(key) for r in row if r])[0] for key in ("top1", "few")}
+                             for epoch, row in zip(epochs, rows, strict=True)}
     if not tables:
         return []
     epochs = sorted({epoch for table in tables.values() for epoch in table})
     lines = ["## During fine-tuning: top-1 / few-shot accuracy (%) at each evaluation", ""]
+    if any(len(runs) > 1 for runs in groups.values()):
+        lines += ["Mean over the seeds of each setting.", ""]
     lines.append("| epoch | " + " | ".join(tables) + " |")
     lines.append("| ---: |" + " ---: |" * len(tables))
     for epoch in epochs:
@@ -117,6 +135,90 @@ def _history_lines(runs: Mapping[str, RunResult]) -> list[str]:
 
 def _pct(value: float | None) -> str:
     return "\u2013" if value is None else f"{float(value):.1f}"
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1) of the non-None values; std None for fewer than 2 values."""
+    kept = np.asarray([float(v) for v in values if v is not None], dtype=np.float64)
+    if kept.size == 0:
+        return None, None
+    return float(kept.mean()), float(kept.std(ddof=1)) if kept.size > 1 else None
+
+
+def _seed(run: RunResult) -> object:
+    return run.recipe.get("train", {}).get("seed")
+
+
+def check_seed_group(label: str, runs: Sequence[RunResult]) -> None:
+    """Refuse to average runs that are not seeds of one setting: recipes must match except ``train.seed``
+    (and log/eval/checkpoint), seeds must differ."""
+    if len(runs) < 2:
+        return
+    seeds = [_seed(run) for run in runs]
+    if len(set(map(str, seeds))) != len(seeds):
+        raise ValueError(f"label {label!r}: runs {[str(r.path) for r in runs]} have seeds {seeds}; the runs of one "
+                         "label are averaged as seeds, so give each a different train.seed (or another label)")
+
+    def setting(run: RunResult) -> dict[str, Any]:
+        recipe = {k: v for k, v in run.recipe.items() if k not in _IGNORED_SECTIONS}
+        return {**recipe, "train": {k: v for k, v in recipe.get("train", {}).items() if k != "seed"}}
+
+    first = setting(runs[0])
+    for run in runs[1:]:
+        other = setting(run)
+        diff = sorted(f"{section}.{key}" for section in set(first) | set(other)
+                      for key in set(first.get(section) or {}) | set(other.get(section) or {})
+                      if (first.get(section) or {}).get(key) != (other.get(section) or {}).get(key))
+        if diff:
+            raise ValueError(f"label {label!r}: {runs[0].path} and {run.path} differ in {diff}, not only in "
+                             "train.seed; runs of one label must be seeds of one setting")
+
+
+def mean_metrics(runs: Sequence[RunResult]) -> dict[str, Any]:
+    """Seeds of one setting -> ``{key: mean, key_std: std, per_class: [mean], reliability: pooled bins, seeds: n}``
+    for the table keys (top1, many, medium, few, ece, mce, in percent)."""
+    out: dict[str, Any] = {"seeds": len(runs)}
+    for _, key in _TABLE_KEYS:
+        out[key], out[f"{key}_std"] = mean_std([run.metrics.get(key) for run in runs])
+    per_class = zip(*(run.metrics["per_class"] for run in runs), strict=True)
+    out["per_class"] = [mean_std(values)[0] for values in per_class]
+    out["reliability"] = _pooled_bins([run.metrics["reliability"] for run in runs])
+    return out
+
+
+def _pooled_bins(bins: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The reliability bins of all runs' predictions together: counts summed, confidence/accuracy count-weighted."""
+    first = bins[0]
+    if any(b["bin_lower"] != first["bin_lower"] for b in bins):
+        raise ValueError("compare: runs of one label use different reliability bins; evaluate them the same way")
+    count = np.sum([b["count"] for b in bins], axis=0)
+    pooled: dict[str, Any] = {"bin_lower": first["bin_lower"], "bin_upper": first["bin_upper"],
+                              "count": [int(c) for c in count]}
+    for key in ("confidence", "accuracy"):
+        weighted = np.sum([[(v or 0.0) * n for v, n in zip(b[key], b["count"], strict=True)] for b in bins], axis=0)
+        pooled[key] = [float(w / c) if c else None for w, c in zip(weighted, count, strict=True)]
+    return pooled
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "\u2013"
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} \u00b1 {std:.1f}"
+
+
+def _results_table(groups: Mapping[str, Sequence[RunResult]]) -> str:
+    """``label | top-1 | ... | MCE``: the value of a single run, ``mean \u00b1 std`` over several seeds."""
+    lines = ["| label | " + " | ".join(name for name, _ in _TABLE_KEYS) + " |",
+             "| --- |" + " ---: |" * len(_TABLE_KEYS)]
+    for label, runs in groups.items():
+        summary = mean_metrics(runs)
+        cells = [_cell(summary[key], summary[f"{key}_std"]) for _, key in _TABLE_KEYS]
+        lines.append(f"| {str(label).replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _as_groups(runs: Mapping[str, RunResult | Sequence[RunResult]]) -> dict[str, list[RunResult]]:
+    return {label: [run] if isinstance(run, RunResult) else list(run) for label, run in runs.items()}
 
 
 def load_class_info(meta: str | Path) -> tuple[list[int], list[str] | None]:
@@ -151,7 +253,7 @@ def _setting(recipe: Mapping[str, Any], section: str, key: str) -> str:
 
 
 def comparison_markdown(
-    runs: Mapping[str, RunResult],
+    runs: Mapping[str, RunResult | Sequence[RunResult]],
     class_counts: Sequence[int],
     class_names: Sequence[str] | None = None,
     title: str = "Loss comparison",
@@ -159,29 +261,37 @@ def comparison_markdown(
     command: str = "",
 ) -> str:
     """The markdown report: results table, per-class accuracy (head -> tail), accuracy during training (when
-    logged), settings per run, notes, command."""
-    lines = [f"# {title}", "", report.results_table_markdown({k: r.metrics for k, r in runs.items()}).rstrip(), ""]
-    lines += ["Top-1 and many (> 100 training images) / medium (20..100) / few (< 20) accuracy, ECE and MCE "
-              "(15 bins) in percent, from each run's metrics.json.", ""]
+    logged), settings per run, notes, command. ``runs`` maps a label to one run or to the runs of its seeds."""
+    groups = _as_groups(runs)
+    seeds = {label: len(group) for label, group in groups.items()}
+    lines = [f"# {title}", "", _results_table(groups).rstrip(), ""]
+    caption = ("Top-1 and many (> 100 training images) / medium (20..100) / few (< 20) accuracy, ECE and MCE "
+               "(15 bins) in percent, from each run's metrics.json")
+    if max(seeds.values()) > 1:
+        counts = ", ".join(f"{label} {n}" for label, n in seeds.items())
+        caption += (f"; mean \u00b1 sample standard deviation over seeds (seeds per row: {counts}); "
+                    "per-class accuracy below is the mean over seeds")
+    lines += [caption + ".", ""]
     lines += [f"![per-class accuracy]({PER_CLASS_NAME})", "", "## Per-class accuracy (%), head \u2192 tail", ""]
     order = sorted(range(len(class_counts)), key=lambda i: (-class_counts[i], i))
-    labels = list(runs)
-    lines.append("| class | train images | " + " | ".join(labels) + " |")
-    lines.append("| --- | ---: |" + " ---: |" * len(labels))
+    means = {label: mean_metrics(group)["per_class"] for label, group in groups.items()}
+    lines.append("| class | train images | " + " | ".join(groups) + " |")
+    lines.append("| --- | ---: |" + " ---: |" * len(groups))
     for i in order:
         name = class_names[i] if class_names else str(i)
-        cells = []
-        for label in labels:
-            value = runs[label].metrics["per_class"][i]
-            cells.append("\u2013" if value is None else f"{float(value):.0f}")
+        cells = ["\u2013" if means[label][i] is None else f"{means[label][i]:.0f}" for label in groups]
         lines.append(f"| {name} | {class_counts[i]} | " + " | ".join(cells) + " |")
-    lines += ["", f"![reliability diagrams]({RELIABILITY_NAME})", ""] + _history_lines(runs)
+    lines += ["", f"![reliability diagrams]({RELIABILITY_NAME})", ""] + _history_lines(groups)
     lines += ["## Settings per run", ""]
-    lines.append("| label | run | " + " | ".join(col for col, _, _ in _SETTINGS) + " |")
+    columns = [col for col, _, _ in _SETTINGS]
+    lines.append("| label | run | " + " | ".join(columns) + " |")
     lines.append("| --- | --- |" + " --- |" * len(_SETTINGS))
-    for label, run in runs.items():
-        cells = [_setting(run.recipe, section, key) for _, section, key in _SETTINGS]
-        lines.append(f"| {label} | `{run.path}` | " + " | ".join(cells) + " |")
+    for label, group in groups.items():
+        cells = [_setting(group[0].recipe, section, key) for _, section, key in _SETTINGS]
+        if len(group) > 1:
+            cells[columns.index("seed")] = ", ".join(str(_seed(run)) for run in group)
+        paths = ", ".join(f"`{run.path}`" for run in group)
+        lines.append(f"| {label} | {paths} | " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     if command:
@@ -190,7 +300,7 @@ def comparison_markdown(
 
 
 def write_comparison(
-    runs: Mapping[str, RunResult],
+    runs: Mapping[str, RunResult | Sequence[RunResult]],
     output: str | Path,
     class_counts: Sequence[int],
     class_names: Sequence[str] | None = None,
@@ -199,26 +309,34 @@ def write_comparison(
     command: str = "",
     markdown_name: str = MARKDOWN_NAME,
 ) -> dict[str, Path]:
-    """Write the markdown and both PNGs into ``output``; returns {"markdown", "per_class", "reliability"} paths."""
-    if not runs:
+    """Write the markdown and both PNGs into ``output``; returns {"markdown", "per_class", "reliability"} paths.
+    ``runs`` maps a label to one run or to the runs of its seeds (checked by ``check_seed_group``)."""
+    groups = _as_groups(runs)
+    if not groups or not all(groups.values()):
         raise ValueError("compare: no runs given")
-    for label, run in runs.items():
-        if len(run.metrics["per_class"]) != len(class_counts):
-            raise ValueError(f"compare: run {label!r} ({run.path}) has {len(run.metrics['per_class'])} classes, the "
-                             f"shard set's meta.json {len(class_counts)}; pass --meta of the set the runs used")
+    for label, group in groups.items():
+        check_seed_group(label, group)
+        for run in group:
+            if len(run.metrics["per_class"]) != len(class_counts):
+                raise ValueError(f"compare: run {label!r} ({run.path}) has {len(run.metrics['per_class'])} classes, "
+                                 f"the shard set's meta.json {len(class_counts)}; pass --meta of the set the runs used")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    per_class = {label: run.metrics["per_class"] for label, run in runs.items()}
-    reliability = {
-        label: {**run.metrics["reliability"], "ece": run.metrics["ece"], "mce": run.metrics["mce"]}
-        for label, run in runs.items()
-    }
+    summaries = {label: mean_metrics(group) for label, group in groups.items()}
+    several = max(len(group) for group in groups.values()) > 1
+    per_class = {label: summary["per_class"] for label, summary in summaries.items()}
+    reliability = {label: {**summary["reliability"], "ece": summary["ece"], "mce": summary["mce"]}
+                   for label, summary in summaries.items()}
+    suffix = " (mean over seeds)" if several else ""
+    pooled = " (seeds pooled; mean ECE/MCE)" if several else ""
     paths = {
         "per_class": report.plot_per_class_accuracy(per_class, class_counts, output / PER_CLASS_NAME,
-                                                    title=f"{title}: per-class accuracy", class_names=class_names),
-        "reliability": report.plot_reliability(reliability, output / RELIABILITY_NAME, title=f"{title}: reliability"),
+                                                    title=f"{title}: per-class accuracy{suffix}",
+                                                    class_names=class_names),
+        "reliability": report.plot_reliability(reliability, output / RELIABILITY_NAME,
+                                               title=f"{title}: reliability{pooled}"),
     }
-    markdown = comparison_markdown(runs, class_counts, class_names, title, notes, command)
+    markdown = comparison_markdown(groups, class_counts, class_names, title, notes, command)
     paths["markdown"] = output / markdown_name
     paths["markdown"].write_text(markdown)
     return paths
@@ -227,7 +345,9 @@ def write_comparison(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m livt_ds.compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders holding metrics.json (finetune or eval runs)")
-    parser.add_argument("--labels", nargs="+", default=None, help="one label per run (default: the folder names)")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="one label per run (default: the folder names); runs sharing a label are seeds of one "
+                             "setting and are shown as mean +- std")
     parser.add_argument("--output", required=True, help="folder for loss_comparison.md and the PNGs (e.g. docs/)")
     parser.add_argument("--meta", default=None,
                         help="shard set folder or meta.json for class counts (default: first run's data.path)")
@@ -248,18 +368,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compare: error: {len(args.runs)} runs but {len(labels)} labels; give one --labels entry per run",
               file=sys.stderr)
         return 2
-    if len(set(labels)) != len(labels):
-        print(f"compare: error: labels must be distinct, got {labels}", file=sys.stderr)
-        return 2
     try:
-        runs = {label: load_run(path) for label, path in zip(labels, args.runs, strict=True)}
-        counts, names = load_class_info(args.meta or _meta_from_runs(list(runs.values())))
+        groups: dict[str, list[RunResult]] = {}
+        for label, path in zip(labels, args.runs, strict=True):
+            groups.setdefault(label, []).append(load_run(path))
+        flat = [run for group in groups.values() for run in group]
+        counts, names = load_class_info(args.meta or _meta_from_runs(flat))
         command = args.command or shlex.join(["python", "-m", "livt_ds.compare", *argv])
-        paths = write_comparison(runs, args.output, counts, names, args.title, args.note, command, args.markdown_name)
+        paths = write_comparison(groups, args.output, counts, names, args.title, args.note, command, args.markdown_name)
     except (FileNotFoundError, ValueError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
-    print(report.results_table_markdown({k: r.metrics for k, r in runs.items()}), end="")
+    print(_results_table(groups), end="")
     for path in paths.values():
         print(f"wrote {path}")
     return 0

@@ -85,6 +85,13 @@ class AugmentConfig:
     cutmix: float = 1.0
     label_smoothing: float = 0.1
     crop_pct: float | None = None  # eval resize = img_size / crop_pct; None: 0.875 up to 224 px, 1.0 above
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # BFT RandomResizedCrop area range (timm)
+
+    def __post_init__(self) -> None:
+        lo_hi = self.crop_scale
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"augment.crop_scale: expected [min, max] area fractions with 0 < min <= max <= 1, "
+                              f"got {lo_hi!r} (timm's default is [0.08, 1.0])")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
+import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -73,10 +75,15 @@ def init_distributed() -> str:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
-        import deepspeed
+        if not torch.cuda.is_available():  # torch warns on import of its extension builder when nvcc is on PATH
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        quiet = int(os.environ.get("RANK", "0")) != 0  # DeepSpeed prints its CPU comm op build line on every rank
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            import deepspeed
 
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=30))
+            deepspeed.init_distributed(timeout=datetime.timedelta(minutes=30))
         _remove_shm_buffer_name()
+        _use_current_collectives()
     if _CONTROL_GROUP is None:
         _CONTROL_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return launcher
@@ -94,6 +101,23 @@ def _remove_shm_buffer_name() -> None:
     dist.barrier()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name)
+
+
+def _use_current_collectives() -> None:
+    """Point DeepSpeed's comm backend at ``all_gather_single`` / ``reduce_scatter_single`` where torch has them.
+
+    DeepSpeed 0.19.8 calls ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` (ZeRO-2 parameter all-gather),
+    which newer torch deprecates with a FutureWarning on every rank, naming these replacements: same arguments
+    (output, input, op, group, async_op), same result.
+    """
+    from deepspeed import comm
+
+    backend = comm.comm.cdb
+    pairs = (("all_gather_function", "all_gather_single"), ("reduce_scatter_function", "reduce_scatter_single"))
+    for attr, name in pairs:
+        current = getattr(dist, name, None)
+        if backend is not None and current is not None and getattr(backend, attr, None) is not None:
+            setattr(backend, attr, current)
 
 
 def rank() -> int:

@@ -293,15 +293,19 @@ def reconstruction_grid(
     mean: Sequence[float] | Tensor,
     std: Sequence[float] | Tensor,
     max_images: int = 8,
+    scale: int = 1,
 ) -> Tensor:
     """MGP reconstructions as one image: a row per sample of (original, masked input, reconstruction,
     reconstruction with the visible patches pasted back).
 
     ``images`` and ``pred_images`` [B, 3, H, W] are normalised with ``mean``/``std`` (predictions already mapped
     back from norm-pix space); ``mask_images`` [B, 3 or 1, H, W] is 1 where a patch was masked. Returns a float
-    [3, H_grid, W_grid] tensor in [0, 1]; masked patches of the input are shown mid-grey.
+    [3, H_grid, W_grid] tensor in [0, 1]; masked patches of the input are shown mid-grey. ``scale`` > 1 enlarges
+    every tile nearest-neighbour (pixels stay sharp squares), so that e.g. 32 px images can be seen.
     """
     _check_reconstruction_inputs(images, pred_images, mask_images, max_images)
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"reconstruction_grid: scale {scale!r} must be an integer >= 1")
     n = min(max_images, images.shape[0])
     mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
@@ -311,6 +315,7 @@ def reconstruction_grid(
     masked = original * (1 - mask) + 0.5 * mask
     pasted = original * (1 - mask) + recon * mask
     tiles = torch.stack([original, masked, recon, pasted], dim=1).flatten(0, 1)  # [n * 4, 3, H, W]
+    tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # [n * 4, 3, H * s, W * s]
     return make_grid(tiles, nrow=4, padding=2, pad_value=1.0).clamp(0, 1)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from livt_ds import dist
 from livt_ds.checkpoint import CheckpointError, load_weights
 from livt_ds.config import ConfigError, Recipe
+from livt_ds.console import held_output
 from livt_ds.data import transforms
 from livt_ds.losses import build_loss
 from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
@@ -130,7 +131,8 @@ class PretrainTask:
         mask_images = mae.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
         from livt_ds import report
 
-        return report.reconstruction_grid(images, pred_images, mask_images, self.mean, self.std)
+        scale = max(1, 128 // images.shape[-1])  # nearest-neighbour x4 for 32 px: tiles people can see
+        return report.reconstruction_grid(images, pred_images, mask_images, self.mean, self.std, scale=scale)
 
 
 class FinetuneTask:
@@ -162,8 +164,10 @@ class FinetuneTask:
             model.set_grad_checkpointing(True)
         self.init_report: dict[str, list[str]] | None = None
         if m.init:
+            with held_output():  # zero_to_fp32 prints its progress on every rank
+                weights = load_weights(m.init)
             try:
-                self.init_report = load_encoder_weights(model, load_weights(m.init))
+                self.init_report = load_encoder_weights(model, weights)
             except ValueError as exc:
                 raise CheckpointError(f"model.init={m.init}: {exc}") from exc
             if dist.is_main():
@@ -175,7 +179,7 @@ class FinetuneTask:
     def train_transform(self):
         a = self.recipe.augment
         return transforms.bft_transform(self.recipe.model.img_size, self.mean, self.std,
-                                        rand_augment=a.rand_augment, re_prob=a.re_prob)
+                                        rand_augment=a.rand_augment, re_prob=a.re_prob, crop_scale=a.crop_scale)
 
     def eval_transform(self):
         return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# `make compare`: the losses side by side on the demo set, from ONE MGP run and the same BFT budget and seed.
+# `make compare`: the losses side by side on the demo set, from ONE MGP run and the same BFT budget, over seeds.
 #   MGP:  runs/demo/mgp (reused when it finished; else made by `DEMO_STOP_AFTER=mgp scripts/demo.sh`)
 #   BFT:  configs/demo_bft.yaml with loss.name = ce, bal_ce, bce, bal_bce (same tau for bal_ce and bal_bce),
-#         plus bal_bce without MGP (model.init empty)                    -> runs/compare/<name>
-#   then  python -m livt_ds.compare ... --output docs/   -> docs/loss_comparison.md, per_class_accuracy.png,
-#         reliability.png
+#         plus bal_bce without MGP (model.init empty), each with train.seed = 0 .. COMPARE_SEEDS-1
+#                                                                         -> runs/compare/<name>/seed<k>
+#   then  python -m livt_ds.compare ... --output docs/   -> docs/loss_comparison.md (mean +- std over the seeds),
+#         per_class_accuracy.png (mean over seeds), reliability.png
+# COMPARE_SEEDS=3 by default (about 5 x 3 BFT runs of ~4 minutes on 2 CPU cores); COMPARE_SEEDS=1 for a quick look.
+# Runs go seed by seed (all losses with seed 0, then seed 1, ...). COMPARE_LOSSES="ce bal_bce" runs a subset.
 # Finished runs are reused (their checkpoints are resumed, which ends at once); COMPARE_FRESH=1 retrains them.
 # COMPARE_DOCS=DIR writes the report elsewhere; COMPARE_OVERRIDES="train.epochs=10" applies to every BFT run.
 set -euo pipefail
@@ -16,6 +19,7 @@ DOCS=${COMPARE_DOCS:-docs}
 SHARDS=shards/demo
 BFT_CONFIG=configs/demo_bft.yaml
 read -r -a EXTRA <<< "${COMPARE_OVERRIDES:-}"
+SEEDS=${COMPARE_SEEDS:-3}
 
 say() { printf '\n[compare %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf '[compare] error: %s\n' "$*" >&2; exit 1; }
@@ -24,7 +28,19 @@ for tool in python deepspeed; do
     command -v "$tool" > /dev/null || die "'$tool' not found on PATH: run 'make compare' (it creates .venv), or activate the venv (source .venv/bin/activate) and run 'bash scripts/compare_losses.sh'"
 done
 
-source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), micro_batch, free_port, finished
+[[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || die "COMPARE_SEEDS=$SEEDS: give a positive number of seeds (1 for a quick look)"
+ALL_NAMES=(ce bal_ce bce bal_bce bal_bce_no_mgp)
+ALL_LABELS=("CE" "Bal-CE" "BCE" "Bal-BCE" "Bal-BCE, no MGP")
+read -r -a WANTED <<< "${COMPARE_LOSSES:-${ALL_NAMES[*]}}"
+for want in "${WANTED[@]}"; do
+    [[ " ${ALL_NAMES[*]} " == *" $want "* ]] || die "COMPARE_LOSSES: unknown '$want'; choose from: ${ALL_NAMES[*]}"
+done
+NAMES=()   # the wanted ones, in the order above (the table's row order)
+LABELS=()
+for i in "${!ALL_NAMES[@]}"; do
+    if [[ " ${WANTED[*]} " == *" ${ALL_NAMES[$i]} "* ]]; then NAMES+=("${ALL_NAMES[$i]}"); LABELS+=("${ALL_LABELS[$i]}"); fi
+done
+source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), ds_launch, micro_batch, finished
 DEVICE_TEXT="$HW_TEXT"
 
 read -r -a BFT_MICRO <<< "$(micro_batch "$BFT_CONFIG")"
@@ -63,43 +79,50 @@ fi
 mkdir -p "$OUT"
 
 # ------------------------------------------------------------------------------------------ BFT runs
-NAMES=(ce bal_ce bce bal_bce bal_bce_no_mgp)
-LABELS=("CE" "Bal-CE" "BCE" "Bal-BCE" "Bal-BCE, no MGP")
+RUN_ARGS=()   # run folders for livt_ds.compare, one per (loss, seed)
+LABEL_ARGS=() # the matching labels: runs of one label are averaged as seeds
+WALLS=()      # BFT wall seconds of the runs trained now or before
+TOTAL=$(( ${#NAMES[@]} * SEEDS ))
+n=0
+for (( seed = 0; seed < SEEDS; seed++ )); do
+    for i in "${!NAMES[@]}"; do
+        n=$(( n + 1 ))
+        name=${NAMES[$i]}
+        loss=${name%_no_mgp}
+        init=$MGP
+        [[ "$name" == *_no_mgp ]] && init=""
+        run=$OUT/$name/seed$seed
+        overrides=(data.path="$SHARDS" model.init="$init" loss.name="$loss" train.seed="$seed" "${BFT_MICRO[@]}"
+                   "${EXTRA[@]}")
+        T=$(date +%s)
+        say "$n/$TOTAL BFT ${LABELS[$i]}, seed $seed: loss.name=$loss model.init=${init:-'' (random init)} -> $run"
+        if [[ "${COMPARE_FRESH:-0}" != 1 ]] && finished "$run"; then
+            say "$run already finished, reusing it"
+        elif [[ "$name" == bal_bce ]] && finished runs/demo/bft && same_recipe runs/demo/bft "${overrides[@]}"; then
+            say "runs/demo/bft (make demo) is this very run (same recipe, MGP and seed): reusing it"
+            run=runs/demo/bft
+        else
+            ds_launch finetune \
+                --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$run" "${overrides[@]}" log.progress=false \
+                || die "BFT ${LABELS[$i]} seed $seed failed (see above); its run folder is $run"
+            echo "$(( $(date +%s) - T )) s wall on $DEVICE_TEXT (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))" \
+                > "$run/wall_time.txt"
+            say "${LABELS[$i]} seed $seed done in $(( $(date +%s) - T )) s"
+        fi
+        RUN_ARGS+=("$run")
+        LABEL_ARGS+=("${LABELS[$i]}")
+        if [[ -f "$run/wall_time.txt" ]]; then WALLS+=("$(cut -d' ' -f1 "$run/wall_time.txt")"); fi
+    done
+done
 NOTES=()
-RUNS=()
-for i in "${!NAMES[@]}"; do
-    name=${NAMES[$i]}
-    loss=${name%_no_mgp}
-    init=$MGP
-    [[ "$name" == *_no_mgp ]] && init=""
-    overrides=(data.path="$SHARDS" model.init="$init" loss.name="$loss" "${BFT_MICRO[@]}" "${EXTRA[@]}")
-    T=$(date +%s)
-    say "$(( i + 1 ))/${#NAMES[@]} BFT ${LABELS[$i]}: loss.name=$loss model.init=${init:-'' (random init)} -> $OUT/$name"
-    if [[ "${COMPARE_FRESH:-0}" != 1 ]] && finished "$OUT/$name"; then
-        say "$OUT/$name already finished, reusing it"
-        RUNS+=("$OUT/$name")
-        continue
-    fi
-    if [[ "$name" == bal_bce ]] && finished runs/demo/bft && same_recipe runs/demo/bft "${overrides[@]}"; then
-        say "runs/demo/bft (make demo) is this very run (same recipe, MGP and seed): reusing it"
-        RUNS+=(runs/demo/bft)
-        continue
-    fi
-    deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" --module livt_ds finetune \
-        --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/$name" "${overrides[@]}" log.progress=false \
-        || die "BFT ${LABELS[$i]} failed (see above); its run folder is $OUT/$name"
-    RUNS+=("$OUT/$name")
-    echo "$(( $(date +%s) - T )) s wall on $DEVICE_TEXT (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))" \
-        > "$OUT/$name/wall_time.txt"
-    say "${LABELS[$i]} done in $(( $(date +%s) - T )) s"
-done
-for i in "${!RUNS[@]}"; do
-    if [[ -f "${RUNS[$i]}/wall_time.txt" ]]; then NOTES+=("BFT ${LABELS[$i]}: $(< "${RUNS[$i]}/wall_time.txt")"); fi
-done
-if [[ -f "$MGP/wall_time.txt" ]]; then NOTES+=("MGP (shared): $(< "$MGP/wall_time.txt")"); fi
+if (( ${#WALLS[@]} )); then
+    read -r lo hi <<< "$(printf '%s\n' "${WALLS[@]}" | sort -n | sed -n '1p;$p' | tr '\n' ' ')"
+    NOTES+=("BFT wall time per run: $lo..$hi s (${#WALLS[@]} runs) on $DEVICE_TEXT, with other jobs on the machine")
+fi
+if [[ -f "$MGP/wall_time.txt" ]]; then NOTES+=("MGP (shared by all runs): $(< "$MGP/wall_time.txt")"); fi
 
 # ------------------------------------------------------------------------------------------ report
-BUDGET=$(python - "$MGP" "${RUNS[3]}" <<'EOF'
+BUDGET=$(python - "$MGP" "${RUN_ARGS[0]}" <<'EOF'
 import sys
 from pathlib import Path
 import yaml
@@ -108,14 +131,16 @@ mt, bt, m = mgp["train"], bft["train"], bft["model"]
 print(f"{m['name']} ({m['img_size']} px, patch {m['patch_size']}); MGP {mt['epochs']} epochs (batch {mt['batch_size']}, "
       f"blr {mt['blr']}, mask {mgp['model']['mask_ratio']}, decoder {mgp['model']['decoder_depth']}x"
       f"{mgp['model']['decoder_dim']}); BFT {bt['epochs']} epochs per loss (batch {bt['batch_size']}, blr {bt['blr']}, "
-      f"layer decay {bt['layer_decay']}, seed {bt['seed']}); tau {bft['loss']['tau']} for Bal-CE and Bal-BCE")
+      f"layer decay {bt['layer_decay']}, crop scale {bft['augment'].get('crop_scale')}); tau {bft['loss']['tau']} "
+      "for Bal-CE and Bal-BCE")
 EOF
 )
-NOTE_ARGS=(--note "Budget: $BUDGET." --note "Data: the built-in demo set ($SHARDS): 10 classes, 32 px, 1,236 long-tailed training images (500..5 per class), 100 val images per class.")
+NOTE_ARGS=(--note "Budget: $BUDGET; seeds 0..$(( SEEDS - 1 )) (train.seed sets the initial head weights, all weights without MGP, the data order, augmentation and drop-path; the MGP run is shared)." --note "Data: the built-in demo set ($SHARDS): 10 classes, 32 px, 1,236 long-tailed training images (500..5 per class), 100 val images per class; each few-shot class is a new combination of colour, texture and shape values that the frequent classes need (livt_ds/data/demo.py).")
 for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
+NOTE_ARGS+=(--note "A few seeds of one small model on one synthetic set: a difference smaller than about two standard deviations is not a result. What these runs show and do not show: README.md, 'Demo results'.")
 say "writing the report to $DOCS/"
-python -m livt_ds.compare "${RUNS[@]}" --labels "${LABELS[@]}" --output "$DOCS" --meta "$SHARDS" \
+python -m livt_ds.compare "${RUN_ARGS[@]}" --labels "${LABEL_ARGS[@]}" --output "$DOCS" --meta "$SHARDS" \
     --title "Loss comparison on the demo set" "${NOTE_ARGS[@]}" \
-    --command "make compare   # = bash scripts/compare_losses.sh (BFT: configs/demo_bft.yaml, MGP: configs/demo_mgp.yaml)" \
+    --command "$(if [[ "$SEEDS" != 3 ]]; then printf 'COMPARE_SEEDS=%s ' "$SEEDS"; fi; if [[ -n "${COMPARE_LOSSES:-}" ]]; then printf 'COMPARE_LOSSES="%s" ' "$COMPARE_LOSSES"; fi)make compare   # = bash scripts/compare_losses.sh (BFT: configs/demo_bft.yaml, MGP: configs/demo_mgp.yaml)" \
     || die "the report failed (see above)"
 say "finished in $(( $(date +%s) - START )) s; TensorBoard: tensorboard --logdir $OUT"

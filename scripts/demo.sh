@@ -6,7 +6,8 @@
 #   4. `livt eval` of the fine-tuned model on the balanced val split  -> runs/demo/eval
 #   5. table (top-1, many/medium/few, ECE, MCE) + per-class plot        -> runs/demo/report
 # Runs on every CUDA GPU of the machine (ZeRO-2, bf16), else on 2 CPU processes (ZeRO-2, fp32, gloo).
-# About 8-10 minutes on 2 CPU cores (measured 8 min 11 s with other jobs on the cores). Finished runs are reused,
+# About 8-10 minutes on 2 quiet CPU cores (45 minutes measured while other jobs kept the load at 6-33).
+# Finished runs are reused,
 # interrupted ones resume from their checkpoints;
 # DEMO_FRESH=1 deletes runs/demo first. Extra recipe overrides for both stages: DEMO_OVERRIDES="train.seed=1".
 # DEMO_STOP_AFTER=mgp stops after pretraining (scripts/compare_losses.sh uses it).
@@ -28,7 +29,7 @@ done
 python -c "import livt_ds" 2> /dev/null || die "python cannot import livt_ds: install the package (make venv) and activate .venv"
 
 # ------------------------------------------------------------------------------------------ devices
-source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), micro_batch, free_port, finished
+source scripts/run_helpers.sh  # devices (NPROC, DS_CONFIG, HW_TEXT), ds_launch, micro_batch, finished
 if (( NUM_CUDA > 0 )); then
     DEVICE_TEXT="$HW_TEXT (of $NUM_CUDA), $DS_CONFIG"
 else
@@ -36,9 +37,6 @@ else
 fi
 
 
-launch() {  # launch SUBCOMMAND ARGS...: the livt CLI on NPROC ranks through the DeepSpeed launcher
-    deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" --module livt_ds "$@"
-}
 
 
 read -r -a MGP_MICRO <<< "$(micro_batch "$MGP_CONFIG")"
@@ -109,7 +107,7 @@ say "2/4 MGP: masked generative pretraining, $MGP_CONFIG -> $OUT/mgp (progress b
 if finished "$OUT/mgp"; then
     say "$OUT/mgp already finished: reusing it (DEMO_FRESH=1 retrains)"
 else
-    launch pretrain --config "$MGP_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/mgp" \
+    ds_launch pretrain --config "$MGP_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/mgp" \
         data.path="$SHARDS" "${MGP_MICRO[@]}" "${EXTRA[@]}" \
         || die "MGP failed (see the messages above); its run folder is $OUT/mgp"
     wall_time "$OUT/mgp" "$T"
@@ -126,7 +124,7 @@ say "3/4 BFT: balanced fine-tuning with Bal-BCE, $BFT_CONFIG (model.init=$OUT/mg
 if finished "$OUT/bft"; then
     say "$OUT/bft already finished: reusing it (DEMO_FRESH=1 retrains)"
 else
-    launch finetune --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/bft" \
+    ds_launch finetune --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$OUT/bft" \
         data.path="$SHARDS" model.init="$OUT/mgp" "${BFT_MICRO[@]}" "${EXTRA[@]}" \
         || die "BFT failed (see the messages above); its run folder is $OUT/bft"
     wall_time "$OUT/bft" "$T"

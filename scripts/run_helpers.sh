@@ -22,6 +22,11 @@ micro_batch() {  # micro_batch CONFIG: on GPUs, the override that splits the rec
         python -c "import sys, yaml; print(f'train.micro_batch={yaml.safe_load(open(sys.argv[1]))[\"train\"][\"batch_size\"] // $NPROC}')" "$1"
     fi
 }
+ds_launch() {  # ds_launch ARGS...: the livt CLI on NPROC local ranks through the DeepSpeed launcher
+    # --log_level error: the launcher's INFO lines and its "Unable to find hostfile" warning (one machine) stay out of
+    # the console; its errors (a rank that failed) and everything the ranks print still show.
+    deepspeed --log_level error --num_gpus "$NPROC" --master_port "$(free_port)" --module livt_ds "$@"
+}
 free_port() { python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 
 finished() {  # finished RUN: its latest checkpoint is the last step of its schedule (run.yaml) and it has metrics

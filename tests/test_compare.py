@@ -114,3 +114,69 @@ def test_errors_are_clear(runs, tmp_path, capsys) -> None:
     assert compare.main([str(runs[0]), "--output", str(tmp_path / "x"), "--meta", str(tmp_path / "meta6.json")]) == 2
     assert "has 6 classes" in capsys.readouterr().err
     assert not (tmp_path / "x" / "loss_comparison.md").exists()
+
+
+def test_runs_sharing_a_label_are_seeds_mean_and_std(tmp_path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "meta.json").write_text(json.dumps({"classes": NAMES, "class_counts": COUNTS}))
+    seeds = []
+    for seed in (0, 1, 2):
+        run = _fake_run(tmp_path, f"bce_s{seed}", 1.0, "bce", seed + 10)
+        recipe = yaml.safe_load((run / "config.yaml").read_text())
+        recipe["train"]["seed"] = seed
+        recipe["log"] = {"every_steps": seed + 1}  # log settings may differ between seeds
+        (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+        seeds.append(run)
+    single = _fake_run(tmp_path, "bal_bce", 0.0, "bal_bce", 2)
+    out = tmp_path / "docs"
+    argv = [*map(str, seeds), str(single), "--labels", "BCE", "BCE", "BCE", "Bal-BCE", "--output", str(out)]
+    assert compare.main(argv) == 0
+    values = [json.loads((r / "metrics.json").read_text()) for r in seeds]
+    lines = (out / "loss_comparison.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| BCE | ") and "\u00b1" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    for cell, key in zip(cells, ("top1", "many", "medium", "few", "ece", "mce"), strict=True):
+        xs = [v[key] for v in values]
+        mean = sum(xs) / 3
+        std = (sum((x - mean) ** 2 for x in xs) / 2) ** 0.5  # sample standard deviation
+        assert cell == f"{mean:.1f} \u00b1 {std:.1f}", (key, cell)
+    assert lines[lines.index(row) + 1] == "| Bal-BCE | " + " | ".join(
+        f"{json.loads((single / 'metrics.json').read_text())[k]:.1f}" for k in ("top1", "many", "medium", "few",
+                                                                              "ece", "mce")) + " |"
+    head = NAMES.index("head")
+    per_class = next(line for line in lines if line.startswith("| head | 500 | "))
+    assert per_class.split(" | ")[2] == f"{sum(v['per_class'][head] for v in values) / 3:.0f}"
+    settings = next(line for line in lines if line.startswith("| BCE | `"))
+    assert settings.rstrip(" |").endswith("0, 1, 2") and settings.count("`") == 6
+    assert "seeds per row: BCE 3, Bal-BCE 1" in "\n".join(lines)
+    # pooled reliability bins: counts of the three runs summed
+    summary = compare.mean_metrics([compare.load_run(r) for r in seeds])
+    assert sum(summary["reliability"]["count"]) == 3 * len(COUNTS) * 30 and summary["seeds"] == 3
+
+    # seeds must differ, and nothing but the seed may
+    assert compare.main([str(seeds[0]), str(seeds[0]), "--labels", "x", "x", "--output", str(tmp_path / "e")]) == 2
+    other = _fake_run(tmp_path, "bce_other", 1.0, "bce", 7)
+    recipe = yaml.safe_load((other / "config.yaml").read_text())
+    recipe["train"].update(seed=5, blr=0.5)
+    (other / "config.yaml").write_text(yaml.safe_dump(recipe))
+    assert compare.main([str(seeds[0]), str(other), "--labels", "x", "x", "--output", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e" / "loss_comparison.md").exists()
+
+
+def test_seed_group_errors_say_what_differs(tmp_path, capsys) -> None:
+    a, b = _fake_run(tmp_path, "a", 1.0, "bce", 1), _fake_run(tmp_path, "b", 1.0, "ce", 2)
+    for run, seed in ((a, 0), (b, 1)):
+        recipe = yaml.safe_load((run / "config.yaml").read_text())
+        recipe["train"]["seed"] = seed
+        (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    assert compare.main([str(a), str(b), "--labels", "L", "L", "--output", str(tmp_path / "o"),
+                         "--meta", str(tmp_path / "m.json")]) == 2
+    capsys.readouterr()
+    (tmp_path / "m.json").write_text(json.dumps({"class_counts": COUNTS}))
+    assert compare.main([str(a), str(b), "--labels", "L", "L", "--output", str(tmp_path / "o"),
+                         "--meta", str(tmp_path / "m.json")]) == 2
+    assert "differ in ['loss.name']" in capsys.readouterr().err
+    assert compare.main([str(a), str(a), "--labels", "L", "L", "--output", str(tmp_path / "o"),
+                         "--meta", str(tmp_path / "m.json")]) == 2
+    assert "different train.seed" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from livt_ds.data import demo
 # sha256 over key, label and PNG bytes of the whole val split with seed 0. It pins the data set across machines
 # and library versions: if it changes on purpose, update it; if it fails only on some machine, the generator
 # is not portable there (numpy random streams or float rounding differ) and that is a bug.
-VAL_SEED0_SHA256 = "207b47f69698ffd7b96257090c181fdb38c5eb90c6f6e823c3aa7b4abe9e974a"
+VAL_SEED0_SHA256 = "bd1dac37ee357aa1766d6318a849c22c770e3163af83e7324df0453070eeb118"
 
 
 def _digest(samples) -> str:
@@ -46,6 +46,33 @@ def test_train_counts_follow_exponential_profile() -> None:
     assert demo.DEMO_GAMMA >= 50 and counts[0] / counts[-1] >= 50
     # all three shot groups are present: many > 100, medium 20..100, few < 20
     assert any(n > 100 for n in counts) and any(20 <= n <= 100 for n in counts) and any(n < 20 for n in counts)
+
+
+def test_classes_follow_the_design_rule() -> None:
+    """Every cue value of a few-shot class is taught by frequent classes; shape, colour, texture needed in the head."""
+    demo.check_design_rule()
+    counts = demo.demo_class_counts("train")
+    assert counts == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
+    attrs = [name.split("_") for name in demo.DEMO_CLASSES]
+    head = [a for a, n in zip(attrs, counts) if n > 100]
+    one_cue = {k for a in head for b in head for k in range(3)
+               if a[k] != b[k] and a[:k] + a[k + 1:] == b[:k] + b[k + 1:]}
+    assert one_cue == {0, 1, 2}  # colour, texture, shape each separate two many-shot classes alone
+    frequent = [a for a, n in zip(attrs, counts) if n >= 20]
+    for rare in (a for a, n in zip(attrs, counts) if n < 20):
+        for k in range(3):  # the rare class's own cue values occur among the frequent classes
+            assert any(f[k] == rare[k] for f in frequent), (rare, k)
+    # a table that breaks the rule is refused: a few-shot class with a shape no frequent class has
+    original = demo._CLASS_ATTRS
+    try:
+        demo._CLASS_ATTRS = original[:-1] + (("red", "solid", "hexagon"),)
+        with pytest.raises(ValueError, match="no pair of frequent classes"):
+            demo.check_design_rule()
+        demo._CLASS_ATTRS = (original[0], ("green", "striped", "square")) + original[2:]  # no shape twin
+        with pytest.raises(ValueError, match="shape alone"):
+            demo.check_design_rule()
+    finally:
+        demo._CLASS_ATTRS = original
 
 
 def test_train_split_matches_counts_keys_and_pngs(train_samples) -> None:

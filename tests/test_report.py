@@ -141,6 +141,20 @@ def test_reconstruction_grid_layout_and_content() -> None:
     torch.testing.assert_close(tile(0, 3)[:, 8:], pixels[0, :, 8:], atol=1e-5, rtol=0)
 
 
+def test_reconstruction_grid_upscales_nearest_neighbour() -> None:
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.rand(2, 3, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :, :4] = 1.0
+    grid = report.reconstruction_grid(pixels, pixels.flip(-1), mask, (0, 0, 0), (1, 1, 1), scale=4)
+    assert grid.shape == (3, 2 * 34 + 2, 4 * 34 + 2)  # 8 px tiles shown at 32 px, padding still 2 px
+    original = grid[:, 2:34, 2:34]
+    # every source pixel is a sharp 4 x 4 block of one colour
+    torch.testing.assert_close(original, pixels[0].repeat_interleave(4, 1).repeat_interleave(4, 2), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="scale"):
+        report.reconstruction_grid(pixels, pixels, mask, (0, 0, 0), (1, 1, 1), scale=0)
+
+
 def test_reconstruction_grid_rejects_bad_shapes() -> None:
     x = torch.zeros(2, 3, 8, 8)
     with pytest.raises(ValueError, match="pred_images"):

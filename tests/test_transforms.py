@@ -137,3 +137,36 @@ def test_build_mixup_variants():
 def test_bad_mean_std_are_rejected():
     with pytest.raises(ValueError, match="mean"):
         mgp_transform(16, (0.5, 0.5), STD)
+
+
+def _crop(transform):
+    return next(t for t in ops(transform) if "RandomResizedCrop" in type(t).__name__)
+
+
+def test_bft_crop_scale_reaches_random_resized_crop():
+    default = bft_transform(32, MEAN, STD, rand_augment=None, re_prob=0.0)
+    assert tuple(_crop(default).scale) == (0.08, 1.0)  # timm's default
+    larger = bft_transform(32, MEAN, STD, rand_augment=None, re_prob=0.0, crop_scale=[0.35, 1.0])
+    assert tuple(_crop(larger).scale) == (0.35, 1.0)
+    # a centred disc: every crop of >= 35 % of the area (side >= 0.51) contains the centre, 8 % crops can miss it
+    yy, xx = np.mgrid[:64, :64]
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[(yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 12**2] = 255
+    black = default(Image.fromarray(np.zeros_like(img))).mean().item()
+    torch.manual_seed(0)
+    missed = {name: sum(tf(Image.fromarray(img)).mean().item() < black + 1e-3 for _ in range(300))
+              for name, tf in (("default", default), ("larger", larger))}
+    assert missed["larger"] == 0 and missed["default"] > 0, missed
+    with pytest.raises(ValueError, match="crop_scale"):
+        bft_transform(32, MEAN, STD, crop_scale=(0.5, 0.2))
+
+
+def test_recipe_crop_scale_is_checked():
+    from livt_ds.config import ConfigError, load_recipe
+
+    assert load_recipe(None).augment.crop_scale == [0.08, 1.0]
+    assert load_recipe(None, ["augment.crop_scale=[0.35, 1]"]).augment.crop_scale == [0.35, 1.0]
+    with pytest.raises(ConfigError, match="augment.crop_scale"):
+        load_recipe(None, ["augment.crop_scale=[0, 1]"])
+    with pytest.raises(ConfigError, match="augment.crop_scale"):
+        load_recipe(None, ["augment.crop_scale=[0.5]"])

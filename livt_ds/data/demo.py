@@ -1,11 +1,17 @@
 """The built-in long-tailed demo data set: generated, deterministic, no download.
 
-Each class is a combination of (colour scheme, texture, shape), e.g. ``red_striped_circle``. Every single cue
-is shared by several classes and most tail classes have a more frequent twin that differs in one cue only
-(``red_striped_square`` vs the head class ``red_striped_circle``), so a classifier has to combine cues and a
-plain BCE/CE model trained on the long-tailed split drifts toward the head twins. Intra-class variation:
-position, scale, rotation, texture phase/period, colour jitter, lighting, a noisy cluttered background and
-up to two smaller distractor objects with random attributes (the class is the largest object).
+Each class is a combination of (colour scheme, texture, shape), e.g. ``red_striped_circle``, drawn with
+intra-class variation: position, scale, rotation, texture phase/period, colour jitter, lighting, a noisy
+cluttered background and up to two smaller distractor objects with random attributes (the class is the
+largest object).
+
+Design rule (as in natural images, what the frequent classes teach must be what the rare classes need):
+every cue value that separates a rare class from another class (e.g. square vs triangle, red vs green,
+solid vs dotted) also separates some pair of frequent classes (many- or medium-shot, >= 20 images), and
+shape, colour and texture are each *needed* among the head: the many-shot classes 1, 2 and 3 each differ
+from the head class 0 in one cue only (shape, colour, texture). So a representation that can tell the head
+classes apart holds every cue the few-shot classes are made of; a few-shot class is a new combination of
+known cues. ``check_design_rule`` tests the rule on the class table (and the unit tests call it).
 
 Images are rendered with numpy at 2x and box-downsampled (anti-aliasing), then PNG-encoded by a small
 writer that uses stored (uncompressed) deflate blocks, so the bytes do not depend on the zlib build:
@@ -32,19 +38,21 @@ DEMO_N_MAX = 500
 DEMO_VAL_PER_CLASS = 100
 DEMO_SPLITS = ("train", "val")
 
-# (colour scheme, texture, shape) per class, head -> tail. Twins differing in one cue: 0/8 and 1/9 (shape),
-# 0/5 and 4/9 (colour), 3/7 (texture). Each colour, texture and shape occurs in at least two classes.
+# (colour scheme, texture, shape) per class, head -> tail (500, 299, 179, 107 | 64, 38, 23 | 13, 8, 5 images).
+# Many-shot 0-3: one-cue twins of class 0 in shape (1), colour (2) and texture (3). Medium 4-6 add the third
+# value of each cue, so every pair of values of each cue separates two frequent classes. Few-shot 7-9 are new
+# combinations of those values (see the design rule in the module docstring).
 _CLASS_ATTRS: tuple[tuple[str, str, str], ...] = (
     ("red", "striped", "circle"),
-    ("blue", "checkered", "square"),
-    ("green", "dotted", "triangle"),
-    ("yellow", "solid", "circle"),
-    ("red", "checkered", "triangle"),
-    ("blue", "striped", "circle"),
-    ("green", "solid", "square"),
-    ("yellow", "dotted", "circle"),
     ("red", "striped", "square"),
-    ("blue", "checkered", "triangle"),
+    ("blue", "striped", "circle"),
+    ("red", "dotted", "circle"),
+    ("green", "solid", "triangle"),
+    ("blue", "dotted", "triangle"),
+    ("green", "striped", "square"),
+    ("blue", "solid", "square"),
+    ("green", "dotted", "circle"),
+    ("red", "solid", "triangle"),
 )
 DEMO_CLASSES: list[str] = ["_".join(attrs) for attrs in _CLASS_ATTRS]
 DEMO_NUM_CLASSES = len(DEMO_CLASSES)
@@ -54,10 +62,10 @@ _SCHEMES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "red": ((205, 35, 35), (250, 212, 200)),
     "green": ((35, 160, 55), (210, 250, 195)),
     "blue": ((40, 70, 210), (195, 215, 255)),
-    "yellow": ((235, 200, 30), (95, 60, 20)),
 }
 _SHAPES = ("circle", "square", "triangle")
-_TEXTURES = ("solid", "striped", "checkered", "dotted")
+_TEXTURES = ("solid", "striped", "dotted")
+_FREQUENT_MIN = 20  # "frequent" classes of the design rule: many- and medium-shot (>= 20 training images)
 _SUPERSAMPLE = 2
 _SPLIT_IDS = {"train": 1, "val": 2}
 
@@ -68,6 +76,25 @@ def demo_class_counts(split: str) -> list[int]:
     if split == "val":
         return [DEMO_VAL_PER_CLASS] * DEMO_NUM_CLASSES
     return exponential_profile(DEMO_N_MAX, DEMO_NUM_CLASSES, DEMO_GAMMA)
+
+
+def check_design_rule() -> None:
+    """Raise ValueError unless the class table follows the design rule of the module docstring."""
+    counts = demo_class_counts("train")
+    frequent = [a for a, n in zip(_CLASS_ATTRS, counts, strict=True) if n >= _FREQUENT_MIN]
+    rare = [a for a, n in zip(_CLASS_ATTRS, counts, strict=True) if n < _FREQUENT_MIN]
+    cues = ("colour", "texture", "shape")
+    taught = [{frozenset((a[k], b[k])) for a in frequent for b in frequent if a[k] != b[k]} for k in range(3)]
+    for r in rare:
+        for other in _CLASS_ATTRS:
+            for k, cue in enumerate(cues):
+                if r[k] != other[k] and frozenset((r[k], other[k])) not in taught[k]:
+                    raise ValueError(f"demo classes: {cue} {r[k]} vs {other[k]} separates {'_'.join(r)} from "
+                                     f"{'_'.join(other)} but no pair of frequent classes")
+    head = frequent[: sum(n > 100 for n in counts)]
+    for k, cue in enumerate(cues):
+        if not any(sum(x != y for x, y in zip(a, b, strict=True)) == 1 and a[k] != b[k] for a in head for b in head):
+            raise ValueError(f"demo classes: no two many-shot classes differ in {cue} alone")
 
 
 def demo_samples(split: str, seed: int = 0, image_size: int = DEMO_IMAGE_SIZE) -> Iterator[tuple[str, bytes, int]]:
@@ -220,9 +247,6 @@ def _texture_mask(texture: str, rng: np.random.Generator, u: np.ndarray, v: np.n
         return np.zeros(u.shape, dtype=bool)
     if texture == "striped":
         return np.mod(u / period + pu, 1.0) < 0.5
-    if texture == "checkered":
-        cells = np.floor(u / (0.5 * period) + pu) + np.floor(v / (0.5 * period) + pv)
-        return np.mod(cells, 2.0) == 0.0
     du = np.mod(u / period + pu, 1.0) - 0.5  # dotted: a square grid of discs
     dv = np.mod(v / period + pv, 1.0) - 0.5
     return du * du + dv * dv <= 0.32**2

@@ -14,6 +14,7 @@ from timm.data import auto_augment as timm_aa
 from torchvision import transforms as T
 
 MGP_SCALE = (0.2, 1.0)  # RandomResizedCrop area range of masked generative pretraining (MAE recipe)
+BFT_SCALE = (0.08, 1.0)  # RandomResizedCrop area range of fine-tuning: timm's default
 DEFAULT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
@@ -45,17 +46,23 @@ def bft_transform(
     *,
     rand_augment: str | None = DEFAULT_RAND_AUGMENT,
     re_prob: float = 0.25,
+    crop_scale: Sequence[float] = BFT_SCALE,
 ) -> Callable:
     """BFT: timm's training transform (RandomResizedCrop, flip, RandAugment, random erasing in pixel mode).
 
     No colour jitter (as in the MAE/LiVT fine-tuning recipe); ``rand_augment=None`` turns RandAugment off.
+    ``crop_scale`` is RandomResizedCrop's (min, max) area fraction: timm's 0.08-1 can cut a small image's
+    object out, so small-image recipes may raise the lower bound (``augment.crop_scale``).
     """
     mean, std = _check(img_size, mean, std)
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale {list(crop_scale)}: need (min, max) area fractions, 0 < min <= max <= 1")
     transform = create_transform(
         input_size=img_size,
         is_training=True,
         color_jitter=None,
         auto_augment=rand_augment,
+        scale=(float(crop_scale[0]), float(crop_scale[1])),
         interpolation="bicubic",
         re_prob=re_prob,
         re_mode="pixel",

@@ -20,7 +20,7 @@ import yaml
 
 from livt_ds import checkpoint, dist, provenance
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
-from livt_ds.data.pipeline import eval_loader, skipped_samples, skipped_shards, train_loader
+from livt_ds.data.pipeline import eval_loader, settle_feeder_threads, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.optim import apply_lr, lr_at, param_groups
@@ -359,6 +359,7 @@ class Trainer:
                                   world_size=dist.world_size(), num_batches=s.micro_batches_per_epoch,
                                   skip_batches=skip, pin_memory=torch.cuda.is_available(), remote=self.remote)
             self.engine.train()
+            settle_feeder_threads()
             for images, labels in loader:
                 if micro_count % s.accumulation == 0:
                     apply_lr(self.optimizer, self._lr(step))

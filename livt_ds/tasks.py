@@ -19,6 +19,7 @@ from livt_ds.checkpoint import CheckpointError, load_weights
 from livt_ds.config import ConfigError, Recipe
 from livt_ds.console import held_output
 from livt_ds.data import transforms
+from livt_ds.data.pipeline import settle_feeder_threads
 from livt_ds.losses import build_loss
 from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
 from livt_ds.models.registry import build_classifier, build_mae
@@ -61,6 +62,7 @@ def train_class_counts(meta: dict, split: str) -> list[int]:
 def padded_eval_batches(loader: Iterable, img_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
     """Yield (images, labels, real) until every rank has run out; a rank that has run out gets a dummy batch
     (``real`` False) so that all ranks make the same number of forward calls (ZeRO-3 gathers weights in forward)."""
+    settle_feeder_threads()
     iterator = iter(loader)
     dummy = (torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long))
     while True:

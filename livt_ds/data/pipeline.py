@@ -87,6 +87,22 @@ def _shard_skip_counter():
     return _shard_counter
 
 
+def settle_feeder_threads(timeout_s: float = 0.05) -> None:
+    """Let the queue feeder threads of a DataLoader that was just shut down finish exiting before the next one
+    forks its workers: a fork while another thread is tearing down its interpreter state can leave the child
+    blocked forever in CPython's after-fork clean-up (seen as an evaluation that never starts). Feeders of live
+    queues are idle and only cost ``timeout_s`` each."""
+    import threading
+    import time
+
+    me = threading.current_thread()
+    feeders = [t for t in threading.enumerate() if t.name == "QueueFeederThread" and t is not me]
+    for thread in feeders:
+        thread.join(timeout_s)
+    if feeders:
+        time.sleep(0.01)  # the joined thread's last step (deleting its state) follows its join by a few instructions
+
+
 def skipped_shards() -> int:
     """Shard reads given up so far (missing, or failing after the retries) by this process's loaders."""
     return 0 if _shard_counter is None else int(_shard_counter.value)

@@ -146,7 +146,8 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while a process with this id exists on this host (also one owned by another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -183,7 +184,7 @@ class RunLock:
 
     def is_stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("host") == self.owner["host"] and isinstance(holder.get("pid"), int):
-            return not _pid_alive(holder["pid"])
+            return not pid_alive(holder["pid"])
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:

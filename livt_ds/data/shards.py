@@ -41,6 +41,7 @@ from livt_ds.data.remote import (
     remove_remote,
     upload_file,
 )
+from livt_ds.provenance import pid_alive
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -343,18 +344,8 @@ def _remove_stale_partials(output: Path) -> None:
     prefix = f"{output.name}.partial-{_host()}-"
     for partial in output.parent.glob(f"{output.name}.partial-*"):
         pid = partial.name[len(prefix) :]
-        if partial.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+        if partial.name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- verifying

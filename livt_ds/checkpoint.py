@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import random
 import re
 import shutil
@@ -62,8 +63,13 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_la
     """Save on every rank (a collective), then prune old tags on rank 0, never the ones in ``keep``."""
     tag = step_tag(step)
     ckpt_dir = checkpoint_dir(run_dir)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    if dist.is_main() and (ckpt_dir / tag).is_dir():  # left incomplete by a run killed while saving it
+        shutil.rmtree(ckpt_dir / tag)
     dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's files are written: only now may 'latest' name the tag
+    if dist.is_main():
+        write_text_atomic(ckpt_dir / "latest", tag)
     if dist.is_main() and keep_last > 0:
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
         for old in tags[:-keep_last]:
@@ -72,6 +78,13 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_la
                 shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A reader (or a process killed at any moment) sees the old or the new content, never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def to_universal(ckpt_dir: Path, tag: str) -> str:

@@ -25,6 +25,7 @@ from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.tasks import EvalResult, build_task, save_images, seed_everything
+from livt_ds.train_state import write_status
 
 
 class NonFiniteLossError(RuntimeError):
@@ -270,13 +271,19 @@ class Trainer:
                        total_steps=old_total)
         return {"total_steps": [old_total, s.total_steps], "lr_at_resume": [old_lr, self._lr(step)]}
 
+    def _status(self, phase: str, step: int) -> None:
+        if dist.is_main():
+            write_status(self.output, phase, step)
+
     def _save(self, step: int) -> None:
         if self.nonfinite_step() is not None:
             return
+        self._status("save", step)
         keep = {self.best["tag"]} if self.best.get("tag") else set()
         checkpoint.save(self.engine, self.output, step, self._client_state(step), self.recipe.checkpoint.keep_last,
                         keep)
         self.last_saved = step
+        self._status("train", step)
 
     # ----------------------------------------------------------------------------------------- checks
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
@@ -319,11 +326,14 @@ class Trainer:
         segment = self._history_start(start)
         self.step_reached, reason = start, "error"
         try:
+            self._status("train", start)
             self._loop(start, end, log)
             reason = ("sigterm" if self.stop_requested else "finished" if self.step_reached >= s.total_steps
                       else "stop_after_steps")
+            self._status("finished" if reason == "finished" else "stopped", self.step_reached)
         except BaseException as exc:
             reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            self._status("failed", self.step_reached)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -431,7 +441,9 @@ class Trainer:
         if not (step == self.schedule.total_steps or (every and epoch % every == 0)):
             return False
         self._check_finite()
+        self._status("eval", step)
         self._record_eval(step, log, self.evaluate())
+        self._status("train", step)
         return True
 
     def evaluate(self) -> EvalResult:

@@ -1,37 +1,46 @@
-"""Checkpoints through the DeepSpeed engine, resume (also onto another world size), and plain-weight export.
+"""The run's checkpoints, in one place: when to save, what is saved, how it is written, pruned and restored.
 
-Layout: ``RUN/checkpoints/<tag>/`` (engine-written ZeRO shards, tag ``stepNNNNNNNN``), ``RUN/checkpoints/latest``.
-Exports: ``model.safetensors`` + ``config.json`` in timm's hub layout (livt_ds/hub.py), and ``model.pt``
-``{"model": fp32 state dict, "recipe": dict, "stage": str, "tag": str, ...}`` (plain data, loads with
-``weights_only=True``). Weights are read without unpickling arbitrary objects (livt_ds/safe_load.py).
+Layout: ``RUN/checkpoints/<tag>/`` (tag ``stepNNNNNNNN``): the engine's ZeRO files (model, optimizer shards; their
+client state holds the `TrainState`, each rank's RNG states and the resolved recipe), then ``train_state.json``,
+written by rank 0 once every rank's files are complete; ``RUN/checkpoints/latest`` names the newest complete tag and
+is replaced atomically after it. A run killed at any moment therefore leaves ``latest`` at a complete checkpoint;
+a half-written tag folder is removed when that step is saved again.
+
+- `plan_resume` decides, from the files alone (no DeepSpeed), what a launch resumes from: testable and cheap.
+- `CheckpointManager` decides when to save (`due`), saves and prunes (`save`), converts for another world size
+  (`engine_config`), and restores (`restore`).
+Plain weights (consolidation, ``model.init``, export) are in livt_ds/weights.py.
 """
 
 from __future__ import annotations
 
+import copy
 import glob
-import json
 import os
-import random
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 
 from livt_ds import dist
+from livt_ds.config import CheckpointConfig
+from livt_ds.seeding import rng_state, set_rng_state
+from livt_ds.train_state import StateError, TrainState, write_json_atomic
 
 TAG_RE = re.compile(r"^step(\d{8})$")
+STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the model."""
 
 
+# ------------------------------------------------------------------------------------------------ layout
 def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
@@ -50,6 +59,13 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """A reader (or a process killed at any moment) sees the old or the new content, never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def saved_world_size(tag_dir: Path) -> int:
     """Data-parallel world size a ZeRO checkpoint was written with (one optimizer shard per rank)."""
     shards = glob.glob(str(tag_dir / "*zero_pp_rank_*_optim_states.pt"))
@@ -59,34 +75,144 @@ def saved_world_size(tag_dir: Path) -> int:
     return len(shards)
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int, keep: set[str] = ()) -> str:
-    """Save on every rank (a collective), then prune old tags on rank 0, never the ones in ``keep``."""
-    tag = step_tag(step)
-    ckpt_dir = checkpoint_dir(run_dir)
-    if dist.is_main() and (ckpt_dir / tag).is_dir():  # left incomplete by a run killed while saving it
-        shutil.rmtree(ckpt_dir / tag)
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()  # every rank's files are written: only now may 'latest' name the tag
-    if dist.is_main():
-        write_text_atomic(ckpt_dir / "latest", tag)
-    if dist.is_main() and keep_last > 0:
-        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-        for old in tags[:-keep_last]:
-            if old not in keep and old != tag:
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-                shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
-    dist.barrier()
-    return tag
+def is_complete(tag_dir: Path) -> bool:
+    """A tag folder whose save finished on every rank. (Checkpoints of earlier versions have no state file; they
+    count as complete when ``latest`` names them, as then nothing else could be known.)"""
+    if (tag_dir / STATE_FILE).is_file():
+        return True
+    latest = tag_dir.parent / "latest"
+    return latest.is_file() and latest.read_text().strip() == tag_dir.name
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """A reader (or a process killed at any moment) sees the old or the new content, never a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def find_checkpoint(path: Path) -> tuple[Path, str] | None:
+    """The checkpoint a path names: a run folder or a checkpoint folder (its ``latest``), or a tag folder."""
+    if (path / "latest").is_file():
+        return path, latest_tag(path)
+    if (path / "checkpoints" / "latest").is_file():
+        return path / "checkpoints", latest_tag(path / "checkpoints")
+    if path.is_dir() and glob.glob(str(path / "*model_states.pt")):
+        return path.parent, path.name
+    return None
 
 
+# ------------------------------------------------------------------------------------------------ resume plan
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a launch resumes from: ``ckpt_dir/tag``, written by ``saved_world`` ranks, loaded by ``world``."""
+
+    ckpt_dir: Path
+    tag: str
+    saved_world: int
+    world: int
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+    @property
+    def needs_universal(self) -> bool:
+        """ZeRO shards are per rank: another world size loads DeepSpeed's universal form of the checkpoint."""
+        return self.saved_world != self.world
+
+    @property
+    def load_tag(self) -> str:
+        return f"{self.tag}_universal" if self.needs_universal else self.tag
+
+
+def plan_resume(run_dir: Path, resume: str, world: int) -> ResumePlan | None:
+    """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start; a path: that run folder,
+    checkpoint folder or tag folder, which must hold a complete checkpoint. Reads files only."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        ckpt_dir = checkpoint_dir(run_dir)
+        tag = latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+        found = (ckpt_dir, tag) if tag else None
+    else:
+        found = find_checkpoint(Path(resume))
+        if found is None:
+            raise CheckpointError(f"--resume {resume}: neither a run folder, a checkpoint folder with 'latest', "
+                                  "nor a tag folder")
+    if found is None:
+        return None
+    ckpt_dir, tag = found
+    if not is_complete(ckpt_dir / tag):
+        raise CheckpointError(f"{ckpt_dir / tag} is incomplete (no {STATE_FILE}: its save was interrupted); "
+                              f"resume from {ckpt_dir} ('latest') instead")
+    return ResumePlan(ckpt_dir, tag, saved_world_size(ckpt_dir / tag), world)
+
+
+# ------------------------------------------------------------------------------------------------ manager
+class CheckpointManager:
+    """When the run saves, what a checkpoint holds, how it is written and pruned, and how a run comes back."""
+
+    def __init__(self, run_dir: Path, config: CheckpointConfig) -> None:
+        self.dir = checkpoint_dir(run_dir)
+        self.config = config
+
+    def due(self, step: int, *, evaluated: bool, final: bool) -> bool:
+        """Save after an evaluation (so the best model has a checkpoint), every ``checkpoint.every_steps``, and
+        at the last step of a launch (the end, ``stop_after_steps``, SIGTERM)."""
+        every = self.config.every_steps
+        return final or evaluated or bool(every and step % every == 0)
+
+    def save(self, engine, state: TrainState, recipe: dict[str, Any]) -> str:
+        """Save ``state.step`` on every rank (a collective), mark it complete, point ``latest`` at it, prune."""
+        tag = step_tag(state.step)
+        state.last_saved = state.step
+        if dist.is_main() and (self.dir / tag).is_dir():  # left incomplete by a run killed while saving it
+            shutil.rmtree(self.dir / tag)
+        dist.barrier()
+        client = {"train_state": state.to_dict(), "rng": dist.gather_objects(rng_state()), "recipe": recipe}
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()  # every rank's files are written: only now is the tag complete
+        if dist.is_main():
+            write_json_atomic(self.dir / tag / STATE_FILE, state.to_dict())
+            write_text_atomic(self.dir / "latest", tag)
+            self._prune(keep={tag, state.best.tag if state.best else tag})
+        dist.barrier()
+        return tag
+
+    def _prune(self, keep: set[str]) -> None:
+        """Keep the newest ``keep_last`` tags and those in ``keep`` (latest, best); drop the rest."""
+        if self.config.keep_last <= 0:
+            return
+        tags = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+        for old in tags[:-self.config.keep_last]:
+            if old not in keep:
+                shutil.rmtree(self.dir / old, ignore_errors=True)
+                shutil.rmtree(self.dir / f"{old}_universal", ignore_errors=True)
+
+    @staticmethod
+    def engine_config(plan: ResumePlan | None, ds_config: dict[str, Any]) -> dict[str, Any]:
+        """The DeepSpeed config the engine is built with: ``ds_config``, told to load the universal form when the
+        world size changed (converted here, once; a collective). ``ds_config`` itself is left as the user's."""
+        if plan is None or not plan.needs_universal:
+            return ds_config
+        to_universal(plan.ckpt_dir, plan.tag)
+        config = copy.deepcopy(ds_config)
+        config.setdefault("checkpoint", {})["load_universal"] = True
+        return config
+
+    @staticmethod
+    def restore(engine, plan: ResumePlan, stage: str) -> TrainState:
+        """Weights, optimizer, training state and this rank's RNG states of ``plan``'s checkpoint."""
+        check_model_matches(engine.module, plan.tag_dir)
+        client = _load_engine(engine, plan.ckpt_dir, plan.load_tag)
+        try:
+            state = TrainState.from_dict(client.get("train_state", client), str(plan.tag_dir))
+        except StateError as exc:
+            raise CheckpointError(str(exc)) from None
+        if state.stage not in (None, stage):
+            raise CheckpointError(f"{plan.tag_dir} is a '{state.stage}' checkpoint, not '{stage}'")
+        state.stage = stage
+        rng = client.get("rng") or []
+        if len(rng) == dist.world_size():  # the same world: each rank continues its own random streams
+            set_rng_state(rng[dist.rank()])
+        return state
+
+
+# ------------------------------------------------------------------------------------------------ reading
 def to_universal(ckpt_dir: Path, tag: str) -> str:
     """Convert ``ckpt_dir/tag`` to DeepSpeed's universal format (once, on rank 0); return the new tag.
 
@@ -112,26 +238,8 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
     return uni_tag
 
 
-def find_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
-    """``auto``: the run's ``latest`` if any; ``none``: fresh start; a path: that checkpoint folder or tag folder."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        ckpt_dir = checkpoint_dir(run_dir)
-        tag = latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
-        return (ckpt_dir, tag) if tag else None
-    path = Path(resume)
-    if (path / "latest").is_file():
-        return path, latest_tag(path)
-    if (path / "checkpoints" / "latest").is_file():
-        return path / "checkpoints", latest_tag(path / "checkpoints")
-    if path.is_dir() and glob.glob(str(path / "*model_states.pt")):
-        return path.parent, path.name
-    raise CheckpointError(f"--resume {resume}: neither a run folder, a checkpoint folder with 'latest', "
-                          "nor a tag folder")
 
-
-def _model_states(tag_dir: Path) -> dict[str, Any]:
+def model_states(tag_dir: Path) -> dict[str, Any]:
     """The rank-0 ``*model_states.pt`` of a tag folder: param_shapes, buffer_names, the module state dict."""
     files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
     if not files:
@@ -141,7 +249,7 @@ def _model_states(tag_dir: Path) -> dict[str, Any]:
     return load_torch_file(files[0])
 
 
-def _saved_param_shapes(states: dict[str, Any]) -> dict[str, tuple]:
+def saved_param_shapes(states: dict[str, Any]) -> dict[str, tuple]:
     saved: dict[str, tuple] = {}
     for group in [*states.get("param_shapes", []), states.get("frozen_param_shapes") or {}]:
         saved.update({name: tuple(shape) for name, shape in group.items()})
@@ -157,8 +265,8 @@ def persistent_buffer_names(model: torch.nn.Module) -> set[str]:
 def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
     """Refuse, before DeepSpeed tries, a checkpoint whose parameter names/shapes or buffers differ from
     ``model``'s (a checkpoint that lacks a buffer, e.g. one made when the fixed tables were frozen parameters)."""
-    states = _model_states(tag_dir)
-    saved = _saved_param_shapes(states)
+    states = model_states(tag_dir)
+    saved = saved_param_shapes(states)
     current = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
     problems = [f"{n}: {list(saved[n])} in the checkpoint, {list(current[n])} here"
                 for n in current if n in saved and saved[n] != current[n]]
@@ -173,11 +281,12 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
 
 def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
     """The resolved recipe a checkpoint was trained with (its client state), None for a checkpoint without one."""
-    recipe = _model_states(tag_dir).get("recipe")
+    recipe = model_states(tag_dir).get("recipe")
     return recipe if isinstance(recipe, dict) else None
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+
+def _load_engine(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """Load model, optimizer and client state; the checkpoint must exist (DeepSpeed only warns otherwise)."""
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
@@ -187,186 +296,3 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     if path is None:
         raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     return client or {}
-
-
-# ------------------------------------------------------------------------------------------- plain weights
-
-
-def written_by_bf16_optimizer(tag_dir: Path) -> bool:
-    """True for a checkpoint of DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + fp32 gradient accumulation): its
-    optimizer state has no ``zero_stage``, so DeepSpeed's zero_to_fp32 cannot read it."""
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
-
-    files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")))
-    if not files:
-        raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); "
-                              "not a livt/DeepSpeed checkpoint")
-    optim = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
-    return ZERO_STAGE not in optim
-
-
-def universal_state_dict(uni_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 parameters from a universal checkpoint folder (``zero/<name>/fp32.pt``, flat or shaped, bare or as
-    ``{"param": tensor}``) reshaped to the recorded shapes, plus the buffers of its model states file."""
-    states = _model_states(uni_dir)
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in _saved_param_shapes(states).items():
-        path = uni_dir / "zero" / name / "fp32.pt"
-        if not path.is_file():
-            raise CheckpointError(f"{uni_dir}: {path.relative_to(uni_dir)} missing; the universal conversion is "
-                                  f"incomplete (delete {uni_dir} to redo it)")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        tensor = saved["param"] if isinstance(saved, dict) else saved
-        out[name] = tensor.float().reshape(shape)
-    module = states.get("module") or {}
-    out.update({name: module[name] for name in states.get("buffer_names") or [] if name in module})
-    return out
-
-
-def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 parameters and buffers of a ZeRO-1/2/3 checkpoint, without DeepSpeed engines.
-
-    DeepSpeed's zero_to_fp32 reads ZeRO checkpoints; a BF16_Optimizer checkpoint (ZeRO-1 with fp32 gradient
-    accumulation) goes through the universal format instead (converted once next to it, ``<tag>_universal``; a
-    collective when a process group is up). Every tensor the engine saved in the module state dict must come back:
-    a checkpoint that lost one (a frozen parameter under ZeRO-1) is an error, never a silently partial model.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag_dir = ckpt_dir / tag
-    try:
-        if written_by_bf16_optimizer(tag_dir):
-            state = universal_state_dict(ckpt_dir / to_universal(ckpt_dir, tag))
-        else:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - report which checkpoint failed and why
-        raise CheckpointError(f"{tag_dir}: cannot consolidate to fp32 weights: {exc}") from exc
-    lost = sorted(set(_model_states(tag_dir).get("module") or {}) - set(state))
-    if lost:
-        raise CheckpointError(f"{tag_dir}: the checkpoint lacks the fp32 values of {lost[:8]} (frozen parameters "
-                              "that this ZeRO stage does not save?); it cannot be exported or used as model.init")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-WEIGHT_FILES = ("model.safetensors", "model.pt")  # in a folder, the first found wins
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from an export file (.safetensors, or .pt read with ``weights_only=True``), an export folder, a run
-    folder (its export, else its latest checkpoint), a checkpoint folder with ``latest``, or a tag folder.
-    Nothing is unpickled beyond tensors, plain data and the allow-list of ``livt_ds.safe_load``."""
-    from livt_ds.safe_load import load_torch_file, weights_only_loading
-
-    path = Path(path)
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = load_torch_file(path)
-        return obj.get("model", obj) if isinstance(obj, dict) else obj
-    for folder in (path / "export", path):
-        for name in WEIGHT_FILES:
-            if (folder / name).is_file():
-                return load_weights(folder / name)
-    found = find_resume(path, str(path)) if path.is_dir() else None
-    if found is None:
-        raise CheckpointError(f"model.init={path}: not found (expected an export (model.safetensors or .pt), a run "
-                              "folder, or a checkpoint)")
-    with weights_only_loading(found[0] / found[1]):
-        return consolidate(*found)
-
-
-def weights_provenance(path: str | Path) -> dict[str, Any]:
-    """Where the weights behind ``path`` (as ``load_weights`` resolves it) were trained: run folder, checkpoint
-    tag and the sha256 of the recipe they were trained with, so a metrics.json can be traced to its weights."""
-    from livt_ds.provenance import model_provenance
-
-    path = Path(path)
-    folders = [path.parent] if path.is_file() else [path / "export", path]
-    for folder in folders:
-        config = folder / "config.json"
-        if config.is_file() and any((folder / name).is_file() for name in WEIGHT_FILES):
-            livt = json.loads(config.read_text()).get("livt", {})
-            info = livt.get("provenance") or model_provenance(None, livt.get("tag"), livt.get("recipe"))
-            return {**info, "weights": str(path.resolve())}
-    if path.is_file():
-        return {**model_provenance(None, None, None), "weights": str(path.resolve())}
-    found = find_resume(path, str(path))
-    if found is None:
-        raise CheckpointError(f"{path}: not a run folder, checkpoint or export")
-    ckpt_dir, tag = found
-    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else None
-    return {**model_provenance(run_dir, tag, saved_recipe(ckpt_dir / tag)), "weights": str(path.resolve())}
-
-
-def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
-    """timm hub config.json of a run: model from its recipe, class names and counts from its shard set."""
-    from livt_ds.config import recipe_from_dict
-    from livt_ds.data.shards import load_meta
-    from livt_ds.hub import hub_config
-    from livt_ds.tasks import normalisation, train_class_counts
-
-    run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: no config.yaml; not a livt run folder")
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    try:
-        meta = load_meta(recipe.data.path)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{run_dir}: the run's shard set is needed once, to record the class names and "
-                              f"counts in the export: {exc}") from None
-    stage = run_info.get("stage") or "finetune"
-    mean, std = normalisation(recipe, meta)
-    return hub_config(recipe, stage, meta["classes"], train_class_counts(meta, recipe.data.train_split), mean, std,
-                      tag=tag)
-
-
-def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
-    """Write ``model.safetensors`` + ``config.json`` (timm's hub layout: the classifier, or the encoder of an MGP
-    run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights."""
-    from livt_ds.hub import model_weights, write_export
-    from livt_ds.provenance import model_provenance
-    from livt_ds.safe_load import weights_only_loading
-
-    run_dir = Path(run_dir)
-    output = Path(output) if output else run_dir / "export"
-    ckpt_dir = checkpoint_dir(run_dir)
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest'); has the run saved one?")
-    config = run_export_config(run_dir, tag)
-    trained_with = saved_recipe(ckpt_dir / tag) or config["livt"]["recipe"]
-    config["livt"]["provenance"] = model_provenance(run_dir, tag, trained_with)
-    with weights_only_loading(ckpt_dir / tag):
-        state = consolidate(ckpt_dir, tag)
-    stage = config["livt"]["stage"]
-    written = write_export(output, config, model_weights(state, stage))
-    payload = {"recipe": config["livt"]["recipe"], "stage": stage, "tag": tag,
-               "num_classes": len(config["livt"]["class_counts"]), "class_names": config.get("label_names"),
-               "class_counts": config["livt"]["class_counts"], "mean": config["pretrained_cfg"]["mean"],
-               "std": config["pretrained_cfg"]["std"], "provenance": config["livt"]["provenance"]}
-    torch.save({**payload, "model": state}, output / "model.pt")
-    written.append(output / "model.pt")
-    if stage == "pretrain":
-        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        torch.save({**payload, "model": encoder}, output / "encoder.pt")
-        written.append(output / "encoder.pt")
-    return written
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
-        from livt_ds.checkpoint import export
+        from livt_ds.weights import export
 
         for path in export(args.run, args.output, args.tag):
             print(f"wrote {path}")

@@ -1,17 +1,17 @@
 """The one training loop both stages share: DeepSpeed engine, schedule, steps, evaluation, checkpoints, logs.
 
-A task object (tasks.py) supplies the model, the transforms, the loss of a step and the evaluation; nothing here
-branches on the stage.
+A task (tasks.py) supplies the model, the transforms, the loss of a step and the evaluation; the checkpoint
+manager (checkpoint.py) decides when to save and owns what is saved and restored; nothing here branches on the stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,36 +19,24 @@ import torch
 import yaml
 
 from livt_ds import checkpoint, dist, provenance
+from livt_ds.checkpoint import CheckpointManager, ResumePlan
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
-from livt_ds.data.pipeline import eval_loader, settle_feeder_threads, skipped_samples, skipped_shards, train_loader
+from livt_ds.data.pipeline import settle_feeder_threads, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
+from livt_ds.evaluate import evaluate, save_evaluation
 from livt_ds.optim import apply_lr, lr_at, param_groups
-from livt_ds.tasks import EvalResult, build_task, save_images, seed_everything
-from livt_ds.train_state import write_status
+from livt_ds.run_log import Logger
+from livt_ds.seeding import seed_everything
+from livt_ds.tasks import Task, build_task
+from livt_ds.train_state import Best, Schedule, TrainState, write_status
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stops without writing a checkpoint."""
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Lengths, all in optimizer steps, derived once from the recipe, the data size and the batch plan."""
-
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    accumulation: int
-    global_batch: int
-    base_lr: float
-
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.accumulation
-
-
-def build_engine(task, recipe: Recipe, ds_config: dict[str, Any]):
+def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     """The task's model in a DeepSpeed engine with the optimizer from the JSON and the recipe's param groups.
     Returns (engine, optimizer, input dtype)."""
     import deepspeed
@@ -62,7 +50,7 @@ def build_engine(task, recipe: Recipe, ds_config: dict[str, Any]):
     return engine, optimizer, dtype
 
 
-def train_micro_step(engine, task, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def train_micro_step(engine, task: Task, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
     """One micro-batch: host batch -> device, the task's batch preparation (mixup) on the device, forward in the
     engine's dtype, backward, and ``engine.step()`` (which updates only at an accumulation boundary)."""
     images, targets = task.prepare_batch(images.to(engine.device, non_blocking=True),
@@ -73,116 +61,161 @@ def train_micro_step(engine, task, images: torch.Tensor, labels: torch.Tensor, d
     return loss
 
 
-class Logger:
-    """metrics.jsonl + TensorBoard + a progress bar, all on rank 0 only."""
+class LossWindow:
+    """The training loss since the last log line and the first non-finite step, kept on the device: one host
+    sync per log line, none per step."""
 
-    def __init__(self, output: Path, recipe: Recipe, total_steps: int, start_step: int) -> None:
-        self.enabled = dist.is_main()
-        self.writer = None
-        self.bar = None
-        if not self.enabled:
-            return
-        self.jsonl = open(output / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
-        if recipe.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, device: torch.device) -> None:
+        self.total = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.micro_batches, self.steps, self.start = 0, 0, time.time()
 
-            self.writer = SummaryWriter(str(output / "tensorboard"))
-        if recipe.log.progress:
-            from tqdm import tqdm
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        """The loss of a micro-batch of optimizer step ``step`` (0-based)."""
+        loss = loss.detach().float()
+        self.total += loss
+        self.micro_batches += 1
+        self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad >= 0), self.first_bad,
+                                     torch.full_like(self.first_bad, step + 1))
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+    def first_nonfinite_step(self) -> int | None:
+        """The first optimizer step (1-based, as logged) whose loss was not finite on any rank (a collective)."""
+        bad = int(self.first_bad.item())
+        first = min(dist.gather_objects(bad if bad >= 0 else 10**12))
+        return None if first >= 10**12 else first
 
-    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
-                    self.writer.add_scalar(f"{prefix}{key}", value, step)
-        if self.bar is not None and "loss" in values:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values.get('lr', 0):.2e}")
-
-    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
-        if self.enabled and self.writer is not None:
-            for name, image in images.items():
-                self.writer.add_image(f"eval/{name}", image, step)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(f"[livt] {text}")
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        self.jsonl.close()
+    def take(self) -> tuple[torch.Tensor, int, float]:
+        """(mean loss on this rank, optimizer steps, seconds) since the last call; starts a new window."""
+        mean, steps, seconds = self.total / max(self.micro_batches, 1), self.steps, time.time() - self.start
+        self.total = torch.zeros_like(self.total)
+        self.micro_batches, self.steps, self.start = 0, 0, time.time()
+        return mean, steps, seconds
 
 
 class Trainer:
+    """One launch of a stage in a run folder: set up, resume, train, evaluate, checkpoint; the folder's lock is held
+    throughout. Every attribute exists once ``__init__`` returns; `run` fills in the engine and the state."""
+
     def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, resume: str = "auto",
                  allow_recipe_change: bool = False):
-        self.stage = stage
-        self.recipe = recipe
-        self.output = Path(output)
-        self.resume = resume
-        self.allow_recipe_change = allow_recipe_change
-        self.ds_config_path = ds_config_path
-        self.stop_requested = False
-        self.lock: provenance.RunLock | None = None
-        self.recipe_change: dict[str, list] | None = None  # diff against the checkpoint's recipe, on resume
-        self.saved_recipe: dict[str, Any] | None = None
-        self.schedule_change: dict[str, list] | None = None  # length changed on resume (--allow-recipe-change)
-        self.step_reached = 0
-
-    # ----------------------------------------------------------------------------------------- set-up
-    def _setup(self) -> None:
-        recipe = self.recipe
         if not recipe.data.path:
             raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
+        self.stage, self.recipe, self.output = stage, recipe, Path(output)
+        self.resume, self.allow_recipe_change = resume, allow_recipe_change
+        self.world = dist.world_size()
         self.remote = RemoteOptions.from_config(recipe.data)
         self.meta = load_meta(recipe.data.path, self.remote)
-        world = dist.world_size()
-        ds_config = resolve_ds_config(load_ds_config(self.ds_config_path), recipe, world)
-        self.task = build_task(self.stage, recipe, self.meta)
-        plan_batch = ds_config["train_batch_size"]
-        accumulation = ds_config["gradient_accumulation_steps"]
-        self.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-        num_samples = self.meta["splits"][recipe.data.train_split]["num_samples"]
-        steps_per_epoch = recipe.train.steps_per_epoch or num_samples // plan_batch
-        if steps_per_epoch < 1:
-            raise ConfigError(f"{recipe.data.path}: {num_samples} training samples is less than one batch of "
-                              f"{plan_batch}; lower train.batch_size or set train.steps_per_epoch")
-        total = recipe.train.epochs * steps_per_epoch
-        self.schedule = Schedule(steps_per_epoch, total, round(recipe.train.warmup_epochs * steps_per_epoch),
-                                 accumulation, plan_batch, ds_config["optimizer"]["params"]["lr"])
-        self._claim_run_folder()
-        self.resume_from = self.resume_source = checkpoint.find_resume(self.output, self.resume)
-        if self.resume_from is not None:
-            self._check_recipe_change()
-            ckpt_dir, tag = self.resume_from
-            if checkpoint.saved_world_size(ckpt_dir / tag) != world:
-                self.resume_from = (ckpt_dir, checkpoint.to_universal(ckpt_dir, tag))
-                ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.ds_config = ds_config
-        if dist.is_main():
-            self.output.mkdir(parents=True, exist_ok=True)
-            save_recipe(recipe, self.output / "config.yaml")
-            (self.output / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-            info = {"stage": self.stage, "world_size": world, "num_classes": self.meta.get("num_classes"),
-                    "data": recipe.data.path, "schedule": self.schedule.__dict__}
-            (self.output / "run.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
-        dist.barrier()
+        self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), recipe, self.world)
+        self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.task = build_task(stage, recipe, self.meta)
+        self.schedule = Schedule.plan(recipe, self.ds_config, self.meta["splits"][recipe.data.train_split][
+            "num_samples"])
+        stop_after = recipe.train.stop_after_steps
+        self.end = self.schedule.total_steps if stop_after is None else min(self.schedule.total_steps, stop_after)
+        self.checkpoints = CheckpointManager(self.output, recipe.checkpoint)
+        self.state = TrainState(stage)
+        self.start_step = 0
+        self.plan: ResumePlan | None = None
+        self.lock: provenance.RunLock | None = None
+        self.saved_recipe: dict[str, Any] | None = None  # the checkpoint's recipe, on resume
+        self.recipe_change: dict[str, list] | None = None  # its diff against this recipe
+        self.schedule_change: dict[str, list] | None = None  # length changed on resume (--allow-recipe-change)
+        self.engine = self.optimizer = None
+        self.dtype = torch.float32
+        self.log: Logger | None = None
+        self.window: LossWindow | None = None
+        self.stop_requested = False
 
+    # ----------------------------------------------------------------------------------------- the run
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or a stop); returns the best evaluation ({} when none)."""
+        try:
+            self._claim_run_folder()
+            self.plan = checkpoint.plan_resume(self.output, self.resume, self.world)
+            if self.plan is not None:
+                self._check_recipe_change()
+            self._write_run_files()
+            self._build_engine()
+            if self.plan is not None:
+                self._restore()
+            self._train()
+            return dataclasses.asdict(self.state.best) if self.state.best else {}
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> None:
+        """The loop inside its bookkeeping: log, SIGTERM handler, history segment and phase file."""
+        s = self.schedule
+        self.log = Logger(self.output, tensorboard=self.recipe.log.tensorboard, progress=self.recipe.log.progress,
+                          total_steps=s.total_steps, start_step=self.start_step)
+        self.window = LossWindow(self.engine.device)
+        for text in self._resume_messages():
+            self.log.message(text)
+        self.log.message(f"{self.stage}: {s.total_steps} steps ({self.recipe.train.epochs} epochs x "
+                         f"{s.steps_per_epoch}), batch {s.global_batch} = {self.micro_batch} x {s.accumulation} x "
+                         f"{self.world} ranks, lr {s.base_lr:.3g}, output {self.output}")
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.siginterrupt(signal.SIGTERM, False)  # restart interrupted system calls (gloo/nccl sockets)
+        segment = self._history_start()
+        reason = "error"
+        try:
+            self._status("train")
+            self._loop()
+            reason = ("sigterm" if self.stop_requested else "finished" if self.state.step >= s.total_steps
+                      else "stop_after_steps")
+            self._status("finished" if reason == "finished" else "stopped")
+        except BaseException as exc:
+            reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            self._status("failed")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.log.close()
+            if segment is not None:
+                provenance.History(self.output).end(segment, end_step=self.state.step, reason=reason)
+
+    def _loop(self) -> None:
+        """Step, maybe log, maybe evaluate, maybe save, maybe stop."""
+        for _ in self._optimizer_steps():
+            step = self.state.step
+            if step % self.recipe.log.every_steps == 0 or step == self.end:
+                self._log_train()
+            evaluated = self._maybe_evaluate()
+            stop = dist.any_rank(self.stop_requested)  # SIGTERM reached some rank: every rank stops here
+            last = stop or step >= self.end
+            if self.checkpoints.due(step, evaluated=evaluated, final=last):
+                self._save()
+            if stop:
+                self.stop_requested = True
+                self.log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
+            if last:
+                return
+
+    def _optimizer_steps(self) -> Iterator[None]:
+        """Train micro-batch by micro-batch, epoch by epoch from the state's position; yield after each optimizer
+        step (``state.step`` advanced). Ends at ``self.end``."""
+        s, state, recipe = self.schedule, self.state, self.recipe
+        transform = self.task.train_transform()
+        while state.step < self.end:
+            position = s.stream_position(state.step, seed=recipe.train.seed, rank=dist.rank(), world=self.world,
+                                         workers=recipe.data.num_workers)
+            loader = train_loader(recipe.data.path, position, split=recipe.data.train_split, transform=transform,
+                                  batch_size=self.micro_batch, pin_memory=torch.cuda.is_available(),
+                                  remote=self.remote)
+            self.engine.train()
+            settle_feeder_threads()
+            for micro, (images, labels) in enumerate(loader, start=1):
+                if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
+                    apply_lr(self.optimizer, s.lr(state.step))
+                self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
+                if micro % s.accumulation == 0:
+                    state.step += 1
+                    self.window.steps += 1
+                    self.log.advance()
+                    yield
+
+    # ----------------------------------------------------------------------------------------- set-up
     def _claim_run_folder(self) -> None:
         """Rank 0 takes the run folder's lock; every rank fails together when another live run holds it."""
         error = None
@@ -197,16 +230,14 @@ class Trainer:
 
     def _check_recipe_change(self) -> None:
         """Refuse (on every rank) a resume whose recipe changes what the checkpoint was trained with."""
-        source_dir, source_tag = self.resume_source
         error, diff, saved = None, None, None
         if dist.is_main():
-            saved = checkpoint.saved_recipe(source_dir / source_tag)
+            saved = checkpoint.saved_recipe(self.plan.tag_dir)
             if saved is not None:
                 try:
                     diff = provenance.check_resume_recipe(saved, recipe_to_dict(self.recipe),
                                                           allow=self.allow_recipe_change,
-                                                          checkpoint=str(source_dir / source_tag),
-                                                          output=str(self.output))
+                                                          checkpoint=str(self.plan.tag_dir), output=str(self.output))
                 except ConfigError as exc:
                     error = str(exc)
         error, diff, saved = dist.broadcast_object((error, diff, saved))
@@ -214,47 +245,45 @@ class Trainer:
             raise ConfigError(error)
         self.recipe_change, self.saved_recipe = diff, saved
 
-    def _release_lock(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+    def _write_run_files(self) -> None:
+        if dist.is_main():
+            self.output.mkdir(parents=True, exist_ok=True)
+            write_status(self.output, "setup", 0)
+            save_recipe(self.recipe, self.output / "config.yaml")
+            (self.output / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            info = {"stage": self.stage, "world_size": self.world, "num_classes": self.meta.get("num_classes"),
+                    "data": self.recipe.data.path, "schedule": self.schedule.as_dict()}
+            (self.output / "run.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+        dist.barrier()
 
     def _build_engine(self) -> None:
-        self.engine, self.optimizer, self.dtype = build_engine(self.task, self.recipe, self.ds_config)
+        config = self.checkpoints.engine_config(self.plan, self.ds_config)
+        self.engine, self.optimizer, self.dtype = build_engine(self.task, self.recipe, config)
         seed_everything(self.recipe.train.seed * 1000 + dist.rank())  # distinct masks / drop-path per rank
 
-    def cast(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.engine.device, dtype=self.dtype, non_blocking=True)
+    def _restore(self) -> None:
+        self.state = self.checkpoints.restore(self.engine, self.plan, self.stage)
+        self.start_step = self.state.step
+        self.schedule_change = self._schedule_change(self.state.step)
 
-    # ----------------------------------------------------------------------------------------- state
-    def _client_state(self, step: int) -> dict[str, Any]:
-        s = self.schedule
-        return {"step": step, "epoch": step // s.steps_per_epoch,
-                "data_position": {"epoch": step // s.steps_per_epoch,
-                                  "micro_batches_done": (step % s.steps_per_epoch) * s.accumulation},
-                "rng": dist.gather_objects(checkpoint.rng_state()), "world_size": dist.world_size(),
-                "recipe": recipe_to_dict(self.recipe), "stage": self.stage, "best": self.best}
-
-    def _restore(self) -> int:
-        source_dir, source_tag = self.resume_source
-        checkpoint.check_model_matches(self.engine.module, source_dir / source_tag)
-        ckpt_dir, tag = self.resume_from
-        client = checkpoint.load(self.engine, ckpt_dir, tag)
-        if client.get("stage") not in (None, self.stage):
-            raise checkpoint.CheckpointError(f"{ckpt_dir / tag} is a '{client['stage']}' checkpoint, "
-                                             f"not '{self.stage}'")
-        step = int(client.get("step", 0))
-        self.best = client.get("best") or self.best
-        rng = client.get("rng") or []
-        if len(rng) == dist.world_size():
-            checkpoint.set_rng_state(rng[dist.rank()])
-        self.logger_msg = f"resumed from {ckpt_dir / tag} at step {step}"
-        self.schedule_change = self._schedule_change(step)
+    def _resume_messages(self) -> list[str]:
+        if self.plan is None:
+            return []
+        step = self.state.step
+        text = f"resumed from {self.plan.tag_dir} at step {step}"
         if self.schedule_change:
             c = self.schedule_change
-            self.logger_msg += (f"; the schedule now ends at step {c['total_steps'][1]} (was {c['total_steps'][0]}): "
-                                f"lr at step {step} {c['lr_at_resume'][0]:.3g} -> {c['lr_at_resume'][1]:.3g}")
-        return step
+            text += (f"; the schedule now ends at step {c['total_steps'][1]} (was {c['total_steps'][0]}): "
+                     f"lr at step {step} {c['lr_at_resume'][0]:.3g} -> {c['lr_at_resume'][1]:.3g}")
+        texts = [text]
+        now = self._position(step).without_rank()
+        saved = self.state.stream
+        changed = {k: [saved[k], now[k]] for k in saved if k in now and saved[k] != now[k] and k != "batches"}
+        if changed:
+            texts.append(f"the data stream differs from the checkpoint's ({changed}): the batches from here on are "
+                         "not those of an uninterrupted run (keep data.num_workers and the world size to resume "
+                         "exactly)")
+        return texts
 
     def _schedule_change(self, step: int) -> dict[str, list] | None:
         """A resume with another length (allowed on purpose) follows, from its first step on, the warm-up + cosine
@@ -267,211 +296,80 @@ class Trainer:
                                                                           s.steps_per_epoch)
         if old_total == s.total_steps:
             return None
-        old_lr = lr_at(step, base_lr=s.base_lr, min_lr=self.recipe.train.min_lr, warmup_steps=s.warmup_steps,
-                       total_steps=old_total)
-        return {"total_steps": [old_total, s.total_steps], "lr_at_resume": [old_lr, self._lr(step)]}
+        old_lr = lr_at(step, base_lr=s.base_lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, total_steps=old_total)
+        return {"total_steps": [old_total, s.total_steps], "lr_at_resume": [old_lr, s.lr(step)]}
 
-    def _status(self, phase: str, step: int) -> None:
-        if dist.is_main():
-            write_status(self.output, phase, step)
-
-    def _save(self, step: int) -> None:
-        if self.nonfinite_step() is not None:
-            return
-        self._status("save", step)
-        keep = {self.best["tag"]} if self.best.get("tag") else set()
-        checkpoint.save(self.engine, self.output, step, self._client_state(step), self.recipe.checkpoint.keep_last,
-                        keep)
-        self.last_saved = step
-        self._status("train", step)
-
-    # ----------------------------------------------------------------------------------------- checks
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        self.stop_requested = True
-
-    def nonfinite_step(self) -> int | None:
-        """The first optimizer step (1-based, as logged) whose loss was not finite on any rank, or None.
-        One host sync: called at log intervals and before checkpoints only."""
-        bad = int(self.first_bad.item())
-        bad = bad if bad >= 0 else 10**12
-        worst = dist.gather_objects(bad)
-        first = min(worst)
-        return None if first >= 10**12 else first
-
-    # ----------------------------------------------------------------------------------------- loop
-    def run(self) -> dict[str, Any]:
-        """Train to the end (or a stop); the run folder's lock is held throughout and released on any exit."""
-        try:
-            return self._run()
-        finally:
-            self._release_lock()
-
-    def _run(self) -> dict[str, Any]:
-        self._setup()
-        self._build_engine()
-        self.best: dict[str, Any] = {}
-        self.last_saved = -1
-        start = self._restore() if self.resume_from else 0
-        s = self.schedule
-        end = s.total_steps if self.recipe.train.stop_after_steps is None else min(
-            s.total_steps, self.recipe.train.stop_after_steps)
-        log = Logger(self.output, self.recipe, s.total_steps, start)
-        if self.resume_from:
-            log.message(self.logger_msg)
-        log.message(f"{self.stage}: {s.total_steps} steps ({self.recipe.train.epochs} epochs x {s.steps_per_epoch}), "
-                    f"batch {s.global_batch} = {self.micro_batch} x {s.accumulation} x {dist.world_size()} ranks, "
-                    f"lr {s.base_lr:.3g}, output {self.output}")
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.siginterrupt(signal.SIGTERM, False)  # restart interrupted system calls (gloo/nccl sockets)
-        segment = self._history_start(start)
-        self.step_reached, reason = start, "error"
-        try:
-            self._status("train", start)
-            self._loop(start, end, log)
-            reason = ("sigterm" if self.stop_requested else "finished" if self.step_reached >= s.total_steps
-                      else "stop_after_steps")
-            self._status("finished" if reason == "finished" else "stopped", self.step_reached)
-        except BaseException as exc:
-            reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
-            self._status("failed", self.step_reached)
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            log.close()
-            if segment is not None:
-                provenance.History(self.output).end(segment, end_step=self.step_reached, reason=reason)
-        return self.best
-
-    def _history_start(self, start: int) -> int | None:
+    def _history_start(self) -> int | None:
         hosts = sorted(set(dist.gather_objects(socket.gethostname())))
         if not dist.is_main():
             return None
-        source = self.resume_source
         return provenance.History(self.output).start(
-            stage=self.stage, recipe=recipe_to_dict(self.recipe), start_step=start, world_size=dist.world_size(),
-            hosts=hosts, resumed_from=str(source[0] / source[1]) if source else None, diff=self.recipe_change,
-            schedule={**self.schedule.__dict__, "change": self.schedule_change})
+            stage=self.stage, recipe=recipe_to_dict(self.recipe), start_step=self.start_step, world_size=self.world,
+            hosts=hosts, resumed_from=str(self.plan.tag_dir) if self.plan else None, diff=self.recipe_change,
+            schedule={**self.schedule.as_dict(), "change": self.schedule_change})
 
-    def _loop(self, start: int, end: int, log: Logger) -> None:
-        s, recipe = self.schedule, self.recipe
-        device = self.engine.device
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        step = start
-        loss_sum = torch.zeros((), device=device)
-        micro_count, window_start, window_steps = 0, time.time(), 0
-        train_tf = self.task.train_transform()
-        while step < end and not self.stop_requested:
-            epoch = step // s.steps_per_epoch
-            skip = (step % s.steps_per_epoch) * s.accumulation
-            loader = train_loader(recipe.data.path, split=recipe.data.train_split, transform=train_tf,
-                                  batch_size=self.micro_batch, num_workers=recipe.data.num_workers,
-                                  seed=recipe.train.seed, epoch=epoch, rank=dist.rank(),
-                                  world_size=dist.world_size(), num_batches=s.micro_batches_per_epoch,
-                                  skip_batches=skip, pin_memory=torch.cuda.is_available(), remote=self.remote)
-            self.engine.train()
-            settle_feeder_threads()
-            for images, labels in loader:
-                if micro_count % s.accumulation == 0:
-                    apply_lr(self.optimizer, self._lr(step))
-                loss = train_micro_step(self.engine, self.task, images, labels, self.dtype)
-                detached = loss.detach().float()
-                loss_sum += detached
-                self.first_bad = torch.where(torch.isfinite(detached) | (self.first_bad >= 0), self.first_bad,
-                                             torch.full_like(self.first_bad, step + 1))
-                micro_count += 1
-                if micro_count % s.accumulation:
-                    continue
-                step += 1
-                self.step_reached = step
-                window_steps += 1
-                log.advance()
-                if step % recipe.log.every_steps == 0 or step == end:
-                    self._check_finite()
-                    self._log_train(step, log, loss_sum / (window_steps * s.accumulation),
-                                    window_steps * s.global_batch / max(time.time() - window_start, 1e-9))
-                    loss_sum.zero_()
-                    window_start, window_steps = time.time(), 0
-                if self._step_end(step, end, log):
-                    break
-        if self.last_saved != step and step > start:
-            self._check_finite()
-            self._save(step)
+    # ----------------------------------------------------------------------------------------- step parts
+    def _position(self, step: int):
+        return self.schedule.stream_position(step, seed=self.recipe.train.seed, rank=dist.rank(), world=self.world,
+                                             workers=self.recipe.data.num_workers)
 
-    def _step_end(self, step: int, end: int, log: Logger) -> bool:
-        """Evaluate / checkpoint / stop after optimizer step ``step``; True when the run must stop."""
-        stop = dist.any_rank(self.stop_requested)
-        every = self.recipe.checkpoint.every_steps
-        evaluated = step % self.schedule.steps_per_epoch == 0 and self._maybe_evaluate(step, log)
-        if stop or step >= end or evaluated or (every and step % every == 0):
-            self._check_finite()
-            self._save(step)
-        if stop:
-            self.stop_requested = True
-            log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
-        return stop or step >= end
+    def _status(self, phase: str) -> None:
+        if dist.is_main():
+            write_status(self.output, phase, self.state.step)
 
-    def _lr(self, step: int) -> float:
-        s = self.schedule
-        return lr_at(step, base_lr=s.base_lr, min_lr=self.recipe.train.min_lr, warmup_steps=s.warmup_steps,
-                     total_steps=s.total_steps)
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.stop_requested = True
 
     def _check_finite(self) -> None:
-        bad = self.nonfinite_step()
+        bad = self.window.first_nonfinite_step()
         if bad is not None:
+            saved = self.state.last_saved
             raise NonFiniteLossError(
                 f"the loss became non-finite at optimizer step {bad} (stage {self.stage}); no checkpoint was written "
-                f"at or after it (latest: {self.last_saved if self.last_saved >= 0 else 'none'}). Lower train.blr, "
+                f"at or after it (latest: {saved if saved is not None else 'none'}). Lower train.blr, "
                 "check the data, or enable gradient_clipping in the DeepSpeed config.")
 
-    def _log_train(self, step: int, log: Logger, loss: torch.Tensor, images_per_s: float) -> None:
-        values = {"loss": float(dist.all_reduce_mean(loss).item()), "lr": self._lr(step - 1),
-                  "images_per_s": images_per_s, "epoch": step / self.schedule.steps_per_epoch}
+    def _log_train(self) -> None:
+        self._check_finite()
+        step = self.state.step
+        loss, steps, seconds = self.window.take()
+        values = {"loss": float(dist.all_reduce_mean(loss).item()), "lr": self.schedule.lr(step - 1),
+                  "images_per_s": steps * self.schedule.global_batch / max(seconds, 1e-9),
+                  "epoch": step / self.schedule.steps_per_epoch}
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             values["grad_norm"] = float(norm)
         counts = dist.gather_objects((skipped_samples(), skipped_shards()))  # since each rank's process started
         values["data/skipped_samples"] = sum(c[0] for c in counts)
         values["data/skipped_shards"] = sum(c[1] for c in counts)
-        log.scalars(step, values, prefix="")
+        self.log.scalars(step, values)
 
-    def _maybe_evaluate(self, step: int, log: Logger) -> bool:
+    def _maybe_evaluate(self) -> bool:
         """Evaluate at the end of every ``eval.every``-th epoch and of the last one."""
-        epoch = step // self.schedule.steps_per_epoch
-        every = self.recipe.eval.every
-        if not (step == self.schedule.total_steps or (every and epoch % every == 0)):
+        step, s, every = self.state.step, self.schedule, self.recipe.eval.every
+        if not s.ends_epoch(step) or not (step == s.total_steps or (every and s.epoch_of(step) % every == 0)):
             return False
         self._check_finite()
-        self._status("eval", step)
-        self._record_eval(step, log, self.evaluate())
-        self._status("train", step)
+        self._status("eval")
+        cast = lambda images: images.to(self.engine.device, dtype=self.dtype, non_blocking=True)  # noqa: E731
+        self.engine.eval()
+        result = evaluate(self.task, self.engine, self.engine.module, self.recipe, self.remote, cast)
+        self.engine.train()
+        metric, mode = self.task.best_metric
+        value = result.metrics.get(metric)
+        best = self.state.better(metric, value, mode)
+        if best:
+            self.state.best = Best(metric, value, step, checkpoint.step_tag(step))
+        record = {"step": step, "epoch": step / s.steps_per_epoch, **result.metrics}
+        save_evaluation(self.output, step, record, result, self.log, best=best)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
+        self.log.message(f"eval at step {step}: {summary}")
+        self._status("train")
         return True
 
-    def evaluate(self) -> EvalResult:
-        recipe = self.recipe
-        loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=self.task.eval_transform(),
-                             batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
-                             rank=dist.rank(), world_size=dist.world_size(), remote=self.remote)
-        self.engine.eval()
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            result = self.task.evaluate(self.engine, self.engine.module, loader, self.cast)
-        self.engine.train()
-        return result
-
-    def _record_eval(self, step: int, log: Logger, result: EvalResult) -> None:
-        metrics = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
-        log.scalars(step, metrics, prefix="eval/")
-        log.images(step, result.images)
-        key, mode = self.task.best_metric
-        value = result.metrics.get(key)
-        better = value is not None and (not self.best or (
-            value < self.best["value"] if mode == "min" else value > self.best["value"]))
-        if better:
-            self.best = {"metric": key, "value": value, "step": step, "tag": checkpoint.step_tag(step)}
-        if dist.is_main():
-            record = {"step": step, "epoch": step / self.schedule.steps_per_epoch, **result.metrics}
-            (self.output / "metrics.json").write_text(json.dumps(record, indent=2))
-            if better:
-                (self.output / "best_metrics.json").write_text(json.dumps(record, indent=2))
-            save_images(result.images, self.output / "plots", step)
-            summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-            log.message(f"eval at step {step}: {summary}")
+    def _save(self) -> None:
+        self._check_finite()  # never a checkpoint of non-finite weights
+        self._status("save")
+        self.state.stream = self._position(self.state.step).without_rank()
+        self.checkpoints.save(self.engine, self.state, recipe_to_dict(self.recipe))
+        self._status("train")

@@ -1,12 +1,16 @@
-"""`livt eval`: a BFT model (run folder, checkpoint or export) on a shard set's eval split, data-parallel.
+"""The one evaluation path, used by the trainer (every ``eval.every`` epochs) and by `livt eval`.
 
-Weights are consolidated to fp32 and run as a plain module (no optimizer, no ZeRO partitioning needed);
-bf16 autocast on GPU when the DeepSpeed config enables bf16.
+`evaluate` runs a task's evaluation over the eval split on every rank (the caller's RNG streams untouched);
+`save_evaluation` writes what it found into a folder (``metrics.json``, ``best_metrics.json``, ``plots/``) and the
+run's log (metrics.jsonl, TensorBoard). `run_eval` is `livt eval`: a BFT model (run folder, checkpoint or export)
+consolidated to fp32 and run as a plain module (no optimizer, no ZeRO), bf16 autocast on GPU when the DeepSpeed
+config enables bf16.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -14,12 +18,40 @@ from typing import Any
 import torch
 
 from livt_ds import dist
-from livt_ds.checkpoint import CheckpointError, weights_provenance
+from livt_ds.checkpoint import CheckpointError
 from livt_ds.config import ConfigError, Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
-from livt_ds.tasks import FinetuneTask, save_images
+from livt_ds.report import save_images
+from livt_ds.run_log import Logger
+from livt_ds.tasks import EvalResult, FinetuneTask, Task
+from livt_ds.weights import weights_provenance
+
+
+def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
+             cast: Callable[[torch.Tensor], torch.Tensor]) -> EvalResult:
+    """``task.evaluate`` over ``recipe.data.eval_split``, sharded over the ranks (a collective)."""
+    loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=task.eval_transform(),
+                         batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
+                         rank=dist.rank(), world_size=dist.world_size(), remote=remote)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        return task.evaluate(forward, model, loader, cast)
+
+
+def save_evaluation(output: Path, step: int, record: dict[str, Any], result: EvalResult, log: Logger, *,
+                    best: bool = False) -> None:
+    """``record`` (the metrics, with any step / epoch / provenance) to ``metrics.json`` (and ``best_metrics.json``
+    when ``best``), the images to ``plots/``, the scalars and images to the log; rank 0 writes."""
+    log.scalars(step, {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}, prefix="eval/")
+    log.images(step, result.images)
+    if not dist.is_main():
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(record, indent=2))
+    if best:
+        (output / "best_metrics.json").write_text(json.dumps(record, indent=2))
+    save_images(result.images, output / "plots", step)
 
 
 def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
@@ -29,8 +61,7 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
     output = Path(output)
     remote = RemoteOptions.from_config(recipe.data)
-    meta = load_meta(recipe.data.path, remote)
-    task = FinetuneTask(recipe, meta)
+    task = FinetuneTask(recipe, load_meta(recipe.data.path, remote))
     model = task.build_model()
     missing = task.init_report["missing"]
     if missing:
@@ -44,22 +75,14 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
             return model(images)
 
-    loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=task.eval_transform(),
-                         batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
-                         rank=dist.rank(), world_size=dist.world_size(), remote=remote)
-    result = task.evaluate(forward, model, loader, lambda x: x.to(device, non_blocking=True))
+    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True))
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output / "config.yaml")
-        (output / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
-        save_images(result.images, output / "plots", 0)
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(str(output / "tensorboard")) as writer:
-            for key, value in result.metrics.items():
-                if isinstance(value, (int, float)):
-                    writer.add_scalar(f"eval/{key}", value, 0)
-            for name, image in result.images.items():
-                writer.add_image(f"eval/{name}", image, 0)
+    log = Logger(output, tensorboard=True, progress=False)
+    try:
+        save_evaluation(output, 0, result.metrics, result, log)
+    finally:
+        log.close()
     return result.metrics

@@ -455,3 +455,10 @@ def prior_table_text(table: Mapping[str, Mapping[str, float | None]]) -> str:
         lines.append(f"{name:<{width}}  {_format_cell(row.get('raw'), name, 'raw'):>6}  "
                      f"{_format_cell(row.get('adjusted'), name, 'adjusted'):>8}")
     return "\n".join(lines)
+
+
+def save_images(images: dict[str, torch.Tensor], folder: Path, step: int) -> None:
+    """Each ``[3, H, W]`` image as ``folder/<name>_stepNNNNNNNN.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        save_png(image, folder / f"{name}_step{step:08d}.png")

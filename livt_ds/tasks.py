@@ -1,33 +1,31 @@
 """What differs between the two LiVT stages: the model, the transform, the loss of a step and the evaluation.
 
-The training loop (engine.py) is shared; it only ever calls the methods of these task objects.
+The training loop (engine.py) and `livt eval` (evaluate.py) are shared; they only call what `Task` declares.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
 from livt_ds import dist
-from livt_ds.checkpoint import CheckpointError, load_weights
-from livt_ds.config import ConfigError, Recipe
+from livt_ds.checkpoint import CheckpointError
+from livt_ds.config import Recipe
 from livt_ds.console import held_output
 from livt_ds.data import transforms
 from livt_ds.data.pipeline import settle_feeder_threads
+from livt_ds.data.shards import train_class_counts
+from livt_ds.data.transforms import normalisation
 from livt_ds.losses import build_loss
 from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
 from livt_ds.models.registry import build_classifier, build_mae
 from livt_ds.models.vit import load_encoder_weights
 from livt_ds.priors import expected_accuracy, prior_adjustment, resolve_prior, standard_prior_names
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from livt_ds.weights import load_weights
 
 Forward = Callable[[torch.Tensor], Any]
 
@@ -40,23 +38,27 @@ class EvalResult:
     images: dict[str, torch.Tensor]
 
 
-def normalisation(recipe: Recipe, meta: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The recipe's mean/std, else the ones make_shards measured into meta.json, else ImageNet's."""
-    mean = recipe.data.mean or meta.get("mean") or IMAGENET_MEAN
-    std = recipe.data.std or meta.get("std") or IMAGENET_STD
-    return tuple(mean), tuple(std)
+class Task(Protocol):
+    """One LiVT stage as the trainer sees it."""
 
+    stage: str  # "pretrain" | "finetune": names the checkpoint kind and the run
+    best_metric: tuple[str, str]  # (metric of `evaluate`, "min" | "max"): which evaluation is the best
 
-def train_class_counts(meta: dict, split: str) -> list[int]:
-    """Training images per class of ``split`` (``data.train_split``): the prior of the balanced losses, the shot
-    groups and the test priors."""
-    info = meta.get("splits", {}).get(split)
-    if info is not None and "class_counts" in info:
-        return [int(c) for c in info["class_counts"]]
-    if split == "train":
-        return [int(c) for c in meta["class_counts"]]
-    raise ConfigError(f"data.train_split={split!r}: the shard set's meta.json has no class counts for it; "
-                      f"its splits are {sorted(meta.get('splits', {}))}")
+    def build_model(self) -> nn.Module: ...
+
+    def train_transform(self) -> Callable: ...  # PIL image -> [3, H, W] float tensor, augmented
+
+    def eval_transform(self) -> Callable: ...
+
+    def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device, before the forward: (images, targets), e.g. mixup's soft targets."""
+        ...
+
+    def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:
+        """Metrics over the eval loader (every rank calls it; results are gathered)."""
+        ...
 
 
 def padded_eval_batches(loader: Iterable, img_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
@@ -230,23 +232,7 @@ class FinetuneTask:
 TASKS: dict[str, type] = {"pretrain": PretrainTask, "finetune": FinetuneTask}
 
 
-def build_task(stage: str, recipe: Recipe, meta: dict):
+def build_task(stage: str, recipe: Recipe, meta: dict) -> Task:
     if stage not in TASKS:
         raise ValueError(f"unknown stage '{stage}'; valid: {', '.join(TASKS)}")
     return TASKS[stage](recipe, meta)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def save_images(images: dict[str, torch.Tensor], folder: Path, step: int) -> None:
-    from livt_ds import report
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, image in images.items():
-        report.save_png(image, folder / f"{name}_step{step:08d}.png")

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from livt_ds.data.make_shards import write_shards
-from livt_ds.data.pipeline import train_loader
+from livt_ds.data.pipeline import StreamPosition, train_loader
 from livt_ds.data.sources import read_imagefolder
 from livt_ds.data.transforms import bft_transform, mgp_transform
 
@@ -147,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs: dict[str, list[dict]] = {k: [] for k in [*locations, "imagefolder"]}
                 for rep in range(args.repeats):  # alternated, best of each: robust to other load on the machine
                     for key, location in locations.items():
-                        stream = train_loader(location, transform=tf, batch_size=args.batch_size, seed=rep, epoch=0,
-                                              num_workers=args.workers, rank=0, world_size=1, num_batches=total,
-                                              shuffle_buffer=256)  # fmt: skip
+                        position = StreamPosition(seed=rep, epoch=0, rank=0, world=1, workers=args.workers,
+                                                  batches=total)
+                        stream = train_loader(location, position, transform=tf, batch_size=args.batch_size,
+                                              shuffle_buffer=256)
                         runs[key].append(timed(stream, args.warmup, args.batches))
                     base = imagefolder_batches(root, tf, args.batch_size, args.workers)
                     runs["imagefolder"].append(timed(base, args.warmup, args.batches))

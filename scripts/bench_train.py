@@ -399,7 +399,7 @@ def project_runner(s: Settings, recipe: Recipe, task: Any, ds_path: Path, *, com
 
 def baseline_runner(s: Settings, recipe: Recipe, task: Any, device: torch.device, *, compile_model: bool) -> Runner:
     """A plain eager loop of the same model, groups, loss and optimizer hyper-parameters (AdamW fused on CUDA)."""
-    from livt_ds.tasks import seed_everything
+    from livt_ds.seeding import seed_everything
 
     ds = resolve_ds_config(load_ds_config(s.ds_config), recipe, world=1)
     params = ds["optimizer"]["params"]

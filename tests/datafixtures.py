@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from livt_ds.data.make_shards import write_shards
+from livt_ds.data.pipeline import StreamPosition
 from livt_ds.data.sources import Record, Source
 
 
@@ -152,3 +153,9 @@ def rewrite_tar(path: Path, edit) -> None:
                 continue
             member.size = len(new)
             tar.addfile(member, io.BytesIO(new))
+
+
+def loader_position(kw: dict) -> StreamPosition:
+    """The StreamPosition named by the loader keyword arguments the data tests use (removed from ``kw``)."""
+    return StreamPosition(seed=kw.pop("seed"), epoch=kw.pop("epoch"), rank=kw.pop("rank"), world=kw.pop("world_size"),
+                          workers=kw.pop("num_workers"), batches=kw.pop("num_batches"), skip=kw.pop("skip_batches", 0))

@@ -39,7 +39,7 @@ def bft_args(ds: str, shards: Path) -> list[str]:
 @pytest.fixture(scope="module", params=CONFIGS)
 def chain(request, toy_shards, tmp_path_factory) -> dict:
     """The runs of one config; each assertion below reads them, none launches its own."""
-    from livt_ds.checkpoint import export
+    from livt_ds.weights import export
 
     ds = request.param
     out = tmp_path_factory.mktemp(ds.removesuffix(".json"))
@@ -107,7 +107,7 @@ def test_resumed_bf16_run_follows_the_uninterrupted_one(chain):
 
 @pytest.mark.skipif(WORLD < 2, reason="the world-size change needs 2 ranks (2 GPUs under LIVT_TEST_DEVICE=cuda)")
 def test_universal_resume_onto_one_rank(chain):
-    from livt_ds.checkpoint import consolidate
+    from livt_ds.weights import consolidate
 
     out = chain["out"]
     ckpt = out / "one_rank" / "checkpoints"

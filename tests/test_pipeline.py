@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datafixtures import make_shard_set, rewrite_tar
+from datafixtures import loader_position, make_shard_set, rewrite_tar
 from torchvision import transforms as T
 
 from livt_ds.data.pipeline import (
     EvalStream,
+    StreamPosition,
     TrainStream,
-    batches_per_epoch,
     eval_loader,
     shard_tape,
     skipped_samples,
@@ -18,6 +18,7 @@ from livt_ds.data.pipeline import (
 )
 from livt_ds.data.shards import decode_image, load_meta, read_tar_samples, shard_paths
 from livt_ds.data.transforms import bft_transform, mgp_transform
+from livt_ds.train_state import steps_per_epoch
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 MGP = mgp_transform(16, MEAN, STD)
@@ -44,7 +45,7 @@ def all_labels(shard_dir, split="train") -> dict[str, int]:
 def train_batches(shard_dir, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
     args = dict(transform=MGP, batch_size=4, num_workers=0, seed=1, epoch=0, rank=0, world_size=2, num_batches=5,
                 shuffle_buffer=8) | kw  # fmt: skip
-    return list(train_loader(shard_dir, **args))
+    return list(train_loader(shard_dir, loader_position(args), **args))
 
 
 def same(a: list, b: list) -> bool:
@@ -179,7 +180,7 @@ def test_bad_arguments_say_what_is_wrong(sets):
         train_batches(sets[3], rank=2)
     with pytest.raises(ValueError, match="skip_batches 6"):
         train_batches(sets[3], skip_batches=6)
-    assert batches_per_epoch(sets[5], batch_size=4, world_size=2) == 2
+    assert steps_per_epoch(load_meta(sets[5])["splits"]["train"]["num_samples"], global_batch=4 * 2) == 2
 
 
 # ---------------------------------------------------------------------------------------------- corrupt data
@@ -214,8 +215,8 @@ def test_corrupt_sample_is_replaced_by_a_good_sample_of_its_batch(tmp_path):
             if sample["__key__"] != "train_00000007":
                 good[PIXELS(decode_image(sample["png"])).numpy().tobytes()] = int(sample["cls"])
     assert len(good) == 11
-    loader = train_loader(shard_dir, transform=PIXELS, batch_size=4, num_workers=0, seed=1, epoch=0, rank=0,
-                          world_size=1, num_batches=9, shuffle_buffer=8)
+    loader = train_loader(shard_dir, StreamPosition(seed=1, epoch=0, rank=0, world=1, workers=0, batches=9),
+                          transform=PIXELS, batch_size=4, shuffle_buffer=8)
     patched = 0
     before = skipped_samples()
     for images, labels in loader:

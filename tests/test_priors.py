@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from livt_ds.config import load_recipe
+from livt_ds.data.shards import train_class_counts
 from livt_ds.losses import logit_bias
 from livt_ds.metrics import EvalAccumulator, classification_report
 from livt_ds.priors import (
@@ -18,7 +19,7 @@ from livt_ds.priors import (
     resolve_prior,
     standard_prior_names,
 )
-from livt_ds.tasks import FinetuneTask, train_class_counts
+from livt_ds.tasks import FinetuneTask
 
 COUNTS = [6, 3, 1]  # training prior pi = [0.6, 0.3, 0.1]; ranks 0, 1, 2
 FORWARD_4 = [4 / 7, 2 / 7, 1 / 7]  # 4 ** (-r / 2) = 1, 1/2, 1/4, normalised

@@ -207,8 +207,9 @@ def test_a_second_launch_is_refused_and_a_killed_runs_lock_does_not_block_resume
 
 @pytest.mark.slow
 def test_exports_and_evaluations_name_the_weights_they_came_from(pipeline_runs):
-    from livt_ds.checkpoint import saved_recipe, weights_provenance
+    from livt_ds.checkpoint import saved_recipe
     from livt_ds.provenance import recipe_digest
+    from livt_ds.weights import weights_provenance
 
     bft = pipeline_runs / "bft"
     tag = (bft / "checkpoints" / "latest").read_text().strip()

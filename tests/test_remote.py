@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from conftest import launcher_env, make_image_folder, read_jsonl, run_livt, train_losses
-from datafixtures import make_shard_set
+from datafixtures import loader_position, make_shard_set
 from httpserver import serve
 
 from livt_ds.data.cache import cache_name, fetch
@@ -40,7 +40,7 @@ def sets(tmp_path_factory):
 def train_batches(location, remote=FAST, **kw):
     args = dict(transform=MGP, batch_size=4, num_workers=0, seed=3, epoch=0, rank=0, world_size=2, num_batches=6,
                 shuffle_buffer=8, remote=remote) | kw  # fmt: skip
-    return list(train_loader(location, **args))
+    return list(train_loader(location, loader_position(args), **args))
 
 
 def same(a, b) -> bool:
@@ -126,8 +126,9 @@ def test_a_set_with_no_readable_shard_fails_and_the_process_exits(sets, tmp_path
     shutil.copy(sets / "s" / "meta.json", tmp_path / "dead")
     code = ("from livt_ds.data.pipeline import train_loader\n"
             "from livt_ds.data.transforms import mgp_transform\n"
-            f"list(train_loader({str(tmp_path / 'dead')!r}, transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), "
-            "batch_size=4, num_workers=1, seed=0, epoch=0, rank=0, world_size=1, num_batches=2))")  # fmt: skip
+            "from livt_ds.data.pipeline import StreamPosition\n"
+            f"list(train_loader({str(tmp_path / 'dead')!r}, StreamPosition(0, 0, 0, 1, workers=1, batches=2), "
+            "transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], env=launcher_env(), capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert result.returncode == 1

@@ -110,7 +110,7 @@ def zero3_bft(pipeline_runs, toy_shards, tmp_path_factory):
 def test_finetune_loads_the_mgp_encoder_exactly(zero3_bft, pipeline_runs):
     mgp_dir = pipeline_runs / "mgp" / "checkpoints"
     mgp = fp32_weights(mgp_dir, (mgp_dir / "latest").read_text().strip())
-    from livt_ds.checkpoint import load_weights
+    from livt_ds.weights import load_weights
 
     bft = load_weights(zero3_bft / "export")  # the export folder (not the checkpoint)
     shared = sorted(k for k in bft if f"encoder.{k}" in mgp)
@@ -125,10 +125,10 @@ def test_finetune_loads_the_mgp_encoder_exactly(zero3_bft, pipeline_runs):
 def test_zero3_evaluation_and_export(zero3_bft, toy_shards):
     """The ZeRO-3 engine's evaluation (weights gathered in forward, 2 ranks) equals the exported weights run
     on one process here: the same accuracy per class over the same 20 images."""
-    from livt_ds.checkpoint import load_weights
     from livt_ds.data.pipeline import eval_loader
     from livt_ds.data.transforms import eval_transform
     from livt_ds.models.registry import build_classifier
+    from livt_ds.weights import load_weights
 
     model = build_classifier("vit_test", 32, 8, num_classes=4, global_pool="avg")
     model.load_state_dict(load_weights(zero3_bft / "export"))  # strict: a complete ZeRO-3 consolidation

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -52,6 +53,7 @@ import multiprocessing
 import random
 import signal
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import count, islice
 from pathlib import Path
 
@@ -463,40 +465,56 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> Dat
     )
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """Which training batches a loader yields: those of ``rank`` of ``world`` with ``workers`` DataLoader workers
+    in ``epoch`` of the stream seeded ``seed``, batches ``skip .. batches - 1`` of the epoch's ``batches``.
+    The batches are a pure function of these seven numbers (module docstring), which is what makes resume exact."""
+
+    seed: int
+    epoch: int
+    rank: int
+    world: int
+    workers: int
+    batches: int
+    skip: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batches < 1 or not 0 <= self.skip <= self.batches:
+            raise ValueError(f"num_batches {self.batches}, skip_batches {self.skip}: need 0 <= skip <= num_batches "
+                             ">= 1")
+
+    def without_rank(self) -> dict[str, int]:
+        """The fields every rank shares (what a checkpoint records)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "rank"}
+
+
 def train_loader(
     shard_dir: str | Path,
+    position: StreamPosition,
     *,
     split: str = "train",
     transform: Callable,
     batch_size: int,
-    num_workers: int,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    num_batches: int,
-    skip_batches: int = 0,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     remote: RemoteOptions = DEFAULT_OPTIONS,
 ) -> DataLoader:
-    """Training batches ``(images [B,3,H,W] float32, labels [B] int64)`` of ``rank`` for ``epoch``.
+    """Training batches ``(images [B,3,H,W] float32, labels [B] int64)`` at ``position``.
 
-    Yields exactly ``num_batches - skip_batches`` full batches: what the uninterrupted stream yields after
-    its first ``skip_batches``. Deterministic for ``(seed, epoch, rank, world_size, num_workers)``.
-    ``shuffle_buffer``: raw (undecoded) samples held per worker for shuffling. ``shard_dir`` may be a URL;
-    ``remote`` says how it is read (retries, timeout, cache).
+    Yields exactly ``position.batches - position.skip`` full batches: what the uninterrupted stream yields after
+    its first ``skip``. ``shuffle_buffer``: raw (undecoded) samples held per worker for shuffling. ``shard_dir``
+    may be a URL; ``remote`` says how it is read (retries, timeout, cache).
     """
-    _check_rank(rank, world_size, batch_size, num_workers)
-    if num_batches < 1 or not 0 <= skip_batches <= num_batches:
-        raise ValueError(f"num_batches {num_batches}, skip_batches {skip_batches}: need 0 <= skip <= num_batches >= 1")
+    p = position
+    _check_rank(p.rank, p.world, batch_size, p.workers)
     meta = load_meta(shard_dir, remote)
     stream = TrainStream(
         shard_paths(shard_dir, split, remote), num_classes=meta["num_classes"], transform=transform,
-        batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-        num_batches=num_batches, skip_batches=skip_batches, shuffle_buffer=max(1, shuffle_buffer), remote=remote,
+        batch_size=batch_size, seed=p.seed, epoch=p.epoch, rank=p.rank, world_size=p.world,
+        num_batches=p.batches, skip_batches=p.skip, shuffle_buffer=max(1, shuffle_buffer), remote=remote,
     )  # fmt: skip
-    return _loader(stream, num_workers, pin_memory)
+    return _loader(stream, p.workers, pin_memory)
 
 
 def eval_loader(
@@ -525,12 +543,3 @@ def eval_loader(
         return_keys=return_keys, remote=remote,
     )  # fmt: skip
     return _loader(stream, num_workers, pin_memory)
-
-
-def batches_per_epoch(
-    shard_dir: str | Path, *, batch_size: int, world_size: int, split: str = "train",
-    remote: RemoteOptions = DEFAULT_OPTIONS,
-) -> int:  # fmt: skip
-    """``num_batches`` for :func:`train_loader`: one pass over the split's samples, ``>= 1``."""
-    meta = load_meta(shard_dir, remote)
-    return max(1, meta["splits"][split]["num_samples"] // (batch_size * world_size))

@@ -26,6 +26,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from livt_ds.config import ConfigError
 from livt_ds.data.remote import (
     DEFAULT_OPTIONS,
     RemoteOptions,
@@ -450,3 +451,15 @@ def _compare_split(split: str, info: dict, checks: list[ShardCheck], num_classes
     if dupes:
         problems.append(f"{split}: duplicate keys {dupes[:5]}")
     return problems
+
+
+def train_class_counts(meta: dict, split: str) -> list[int]:
+    """Training images per class of ``split`` (``data.train_split``): the prior of the balanced losses, the shot
+    groups and the test priors."""
+    info = meta.get("splits", {}).get(split)
+    if info is not None and "class_counts" in info:
+        return [int(c) for c in info["class_counts"]]
+    if split == "train":
+        return [int(c) for c in meta["class_counts"]]
+    raise ConfigError(f"data.train_split={split!r}: the shard set's meta.json has no class counts for it; "
+                      f"its splits are {sorted(meta.get('splits', {}))}")

@@ -16,6 +16,8 @@ from torchvision import transforms as T
 MGP_SCALE = (0.2, 1.0)  # RandomResizedCrop area range of masked generative pretraining (MAE recipe)
 BFT_SCALE = (0.08, 1.0)  # RandomResizedCrop area range of fine-tuning: timm's default
 DEFAULT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _check(img_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -131,3 +133,10 @@ def build_mixup(num_classes: int, mixup_alpha: float, cutmix_alpha: float, label
     if mixup_alpha == 0 and cutmix_alpha == 0:
         mixup.mixup_enabled = False  # timm asserts one alpha > 0 when mixing; lam stays 1, targets smoothed
     return mixup
+
+
+def normalisation(recipe, meta: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The recipe's mean/std, else the ones make_shards measured into meta.json, else ImageNet's."""
+    mean = recipe.data.mean or meta.get("mean") or IMAGENET_MEAN
+    std = recipe.data.std or meta.get("std") or IMAGENET_STD
+    return tuple(mean), tuple(std)

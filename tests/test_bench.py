@@ -159,13 +159,15 @@ def test_settings_take_the_shipped_recipes():
         assert (got.augment, got.loss) == (shipped.augment, shipped.loss)
         assert (got.train.blr, got.train.betas, got.train.layer_decay, got.train.batch_size) == (
             shipped.train.blr, shipped.train.betas, shipped.train.layer_decay, None)
-        assert bench.make_recipe(s, stage, 6).train.micro_batch == 6
+        made = bench.make_recipe(s, stage, 6)  # what a run builds: the same recipe at this micro-batch
+        assert made.model == got.model and made.train == dataclasses.replace(got.train, micro_batch=6)
     assert s.batches == {"mgp": 256, "bft": 128} and s.model.name == "vit_large"
 
     s = bench.resolve_settings(parse(["--model", "vit_base", "--decoder", "256,4,8", "--img-size", "192"]), cuda=True)
     assert {st: r.model.name for st, r in s.recipes.items()} == {"mgp": "vit_base", "bft": "vit_base"}
     assert (s.model.decoder_dim, s.model.decoder_depth, s.model.decoder_heads, s.model.img_size) == (256, 4, 8, 192)
     assert s.recipes["bft"].model.img_size == 192 and s.batches == {"mgp": 512, "bft": 256}
+    assert bench.make_recipe(s, "bft", 4).model == s.recipes["bft"].model
 
     s = bench.resolve_settings(parse(["--device", "cpu"]), cuda=False)
     tiny = {stage: load_recipe(REPO / "configs" / f"tiny_{stage}.yaml") for stage in ("mgp", "bft")}

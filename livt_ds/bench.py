@@ -22,8 +22,9 @@ Paths
 Inputs
 - ``synthetic``: random tensors already on the device (compute only).
 - ``shards``: the real ``train_loader`` stream (``--workers`` processes: tar read, decode, augmentation),
-  copied to the device. Without ``--shards DIR`` a shard set of ``--gen-images`` ImageNet-sized JPEGs is
-  generated in a temporary folder first (through ``make_shards --source imagefolder``). The warm-up of this
+  copied to the device. Without ``--shards DIR`` a shard set of ``--gen-images`` photo-like JPEGs
+  (``livt_ds.data.synthetic``) is generated in a temporary folder first (through ``make_shards --source
+  imagefolder``). The warm-up of this
   mode is ``--warmup + 2 * --workers`` steps so the loader's initial burst of prefetched batches is drained.
 
 ``--ds-adam config,torch-fused,deepspeed-fused``: one project run per AdamW implementation (the JSON as written,
@@ -39,12 +40,8 @@ augmentation, loss, learning rate, betas, layer decay), with ``--model``/``--img
 ``--decoder`` and the micro-batch on top; weights from scratch (no ``model.init``) and one optimizer step per
 micro-batch (no accumulation), so that a timed step is a whole training step.
 
-Output: one JSON document on stdout (and ``--json-out``); a table and all logs on stderr.
-
-    python scripts/bench_train.py                                  # H100: vit_large, everything (~3-4 min)
-    python scripts/bench_train.py --model vit_base --shards shards/imagenet_lt --workers 14
-    python scripts/bench_train.py --stages none --zero-stages 1,2,3,2offload
-    DS_ACCELERATOR=cpu python scripts/bench_train.py --device cpu  # vit_test at 32 px, a few steps
+FLOPs per image: ``livt_ds.models.flops``. ``run`` returns the JSON document (settings, FLOPs, one entry per
+run, the ZeRO sweep); ``scripts/bench_train.py`` is the command line (stdout: the document, stderr: a table).
 """
 
 from __future__ import annotations

@@ -25,44 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from livt_ds.data.make_shards import write_shards
 from livt_ds.data.pipeline import StreamPosition, train_loader
 from livt_ds.data.sources import read_imagefolder
+from livt_ds.data.synthetic import write_image_folder
 from livt_ds.data.transforms import bft_transform, mgp_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def natural_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """Smooth colour fields at several scales + a few soft blobs + sensor noise: JPEG-compresses like a photo."""
-    img = np.zeros((height, width, 3), np.float32)
-    for cells, weight in ((3, 0.5), (12, 0.25), (48, 0.12)):
-        grid = rng.random((cells, cells, 3)).astype(np.float32)
-        small = Image.fromarray((grid * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
-        img += weight * np.asarray(small, np.float32) / 255
-    yy, xx = np.mgrid[0:height, 0:width]
-    for _ in range(rng.integers(2, 6)):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(15, 90)
-        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
-        img = img * (1 - 0.6 * blob) + 0.6 * blob * rng.random(3)
-    img += rng.normal(0, 0.03, img.shape)
-    return Image.fromarray((np.clip(img / img.max(), 0, 1) * 255).astype(np.uint8))
-
-
-def make_folder(root: Path, num_images: int, num_classes: int = 10, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(num_images):
-        folder = root / "train" / f"class{i % num_classes:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        w, h = int(rng.integers(360, 441)), int(rng.integers(310, 391))
-        natural_like(rng, w, h).save(folder / f"img{i:05d}.jpg", quality=90)
-    return root
 
 
 def timed(batches, warmup: int, count: int) -> dict:
@@ -129,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        root = Path(args.input) if args.input else make_folder(Path(tmp) / "raw", args.num_images)
+        root = Path(args.input) if args.input else write_image_folder(
+            Path(tmp) / "raw", args.num_images, size=(400, 350), jitter=(40, 40), classes=10,
+            workers=max(1, args.workers))
         shards = Path(tmp) / "shards"
         t = time.perf_counter()
         meta = write_shards(read_imagefolder(root), shards, workers=max(1, args.workers), progress=False,

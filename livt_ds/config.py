@@ -6,7 +6,8 @@ an explicit value that contradicts the recipe is an error, never silently overri
 
 A recipe may name a base recipe (``base: mgp_vit_base_imagenet_lt.yaml``, relative to its folder) and hold only
 its differences; the loaded Recipe is always whole (no ``base``), and it is what a run saves as ``config.yaml``.
-The defaults of every recipe value live here, in the dataclasses below, and nowhere else.
+The defaults of the recipe values live in the dataclasses below; model builders, transforms and remote reads take
+them from the typed recipe instead of repeating them.
 """
 
 from __future__ import annotations

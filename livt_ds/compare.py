@@ -26,6 +26,8 @@ import numpy as np
 import yaml
 
 from livt_ds import report
+from livt_ds.data.longtail import FEW_SHOT, MANY_SHOT
+from livt_ds.metrics import ECE_BINS
 
 __all__ = [
     "RunResult", "load_run", "eval_history", "load_class_info", "check_seed_group", "mean_std", "mean_metrics",
@@ -265,8 +267,8 @@ def comparison_markdown(
     groups = _as_groups(runs)
     seeds = {label: len(group) for label, group in groups.items()}
     lines = [f"# {title}", "", _results_table(groups).rstrip(), ""]
-    caption = ("Top-1 and many (> 100 training images) / medium (20..100) / few (< 20) accuracy, ECE and MCE "
-               "(15 bins) in percent, from each run's metrics.json")
+    caption = (f"Top-1 and many (> {MANY_SHOT} training images) / medium ({FEW_SHOT}..{MANY_SHOT}) / "
+               f"few (< {FEW_SHOT}) accuracy, ECE and MCE ({ECE_BINS} bins) in percent, from each run's metrics.json")
     if max(seeds.values()) > 1:
         counts = ", ".join(f"{label} {n}" for label, n in seeds.items())
         caption += (f"; mean \u00b1 sample standard deviation over seeds (seeds per row: {counts}); "

@@ -3,6 +3,11 @@
 The recipe owns the experiment (model, data, epochs, base lr, schedule, loss, augmentation); the DeepSpeed
 JSON owns parallelism and the optimizer. Values the trainer derives may be written ``"auto"`` in the JSON;
 an explicit value that contradicts the recipe is an error, never silently overridden.
+
+A recipe may name a base recipe (``base: mgp_vit_base_imagenet_lt.yaml``, relative to its folder) and hold only
+its differences; the loaded Recipe is always whole (no ``base``), and it is what a run saves as ``config.yaml``.
+The defaults of the recipe values live in the dataclasses below; model builders, transforms and remote reads take
+them from the typed recipe instead of repeating them.
 """
 
 from __future__ import annotations
@@ -215,16 +220,69 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+BASE_KEY = "base"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
+    return tree
+
+
+def merge_trees(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key (deep); lists and scalars replace.
+
+    A section left empty in the child (``model:`` with nothing under it) changes nothing.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in child.items():
+        old = merged.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = merge_trees(old, value)
+        elif isinstance(old, dict) and value is None:
+            continue
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_recipe_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe file's tree merged over its ``base:`` chain (``base`` is relative to the file's folder).
+
+    Each file is checked on its own first, so an unknown key or a wrong type names the file that holds it.
+    The result has no ``base`` key: it is the whole recipe.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if _chain:
+            raise ConfigError(f"{_chain[-1]}: base recipe {path} not found (base: is relative to the recipe's folder)")
+        raise ConfigError(f"{path}: recipe not found (see configs/ for the shipped recipes)")
+    if any(path.resolve() == seen.resolve() for seen in _chain):
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"recipe base cycle: {cycle}; a recipe may not name itself as a base, even indirectly")
+    tree = _read_yaml(path)
+    base = tree.pop(BASE_KEY, None)
+    try:
+        _build(Recipe, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the file name of a recipe (e.g. mgp_vit_base_imagenet_lt.yaml), "
+                          f"got {base!r}")
+    return merge_trees(read_recipe_tree(path.parent / base, (*_chain, path)), tree)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply dotted overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe not found (see configs/ for the shipped recipes)")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
+    """Read a YAML recipe (merged over its ``base:`` chain; defaults when ``path`` is None), then apply dotted
+    overrides."""
+    tree: dict[str, Any] = {} if path is None else read_recipe_tree(path)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -21,7 +21,7 @@ from torch import nn
 
 from livt_ds.config import Recipe, recipe_to_dict
 from livt_ds.data.transforms import default_crop_pct
-from livt_ds.models.registry import get_size
+from livt_ds.models.registry import MLP_RATIO, get_size
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -52,7 +52,7 @@ def hub_config(
     num_classes = len(class_names) if classifier else 0
     global_pool = m.global_pool if classifier else "token"  # the MGP encoder: cls token after the final norm
     model_args = {"img_size": m.img_size, "patch_size": m.patch_size, "embed_dim": size.embed_dim,
-                  "depth": size.depth, "num_heads": size.num_heads, "mlp_ratio": 4.0, "qkv_bias": True,
+                  "depth": size.depth, "num_heads": size.num_heads, "mlp_ratio": MLP_RATIO, "qkv_bias": True,
                   "class_token": True, "global_pool": global_pool}
     crop_pct = recipe.augment.crop_pct if recipe.augment.crop_pct is not None else default_crop_pct(m.img_size)
     config: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Evaluation metrics for long-tailed classification: top-1, many/medium/few-shot accuracy, per-class accuracy,
 ECE/MCE and the reliability-diagram bins. All use the raw logits (never the balanced-loss bias), in fp32.
 
-Shot groups follow the LT literature: many > 100 training images, medium 20..100, few < 20.
+Shot groups follow the LT literature; `shot_groups` and its thresholds are defined once, in `livt_ds.data.longtail`.
 Results are plain Python floats/ints/None so they go straight into JSON.
 """
 
@@ -12,27 +12,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SHOT_GROUPS", "shot_groups", "calibration", "classification_report", "prediction_report",
+from livt_ds.data.longtail import SHOT_GROUPS, shot_groups
+
+__all__ = ["SHOT_GROUPS", "ECE_BINS", "shot_groups", "calibration", "classification_report", "prediction_report",
            "per_class_accuracy", "EvalAccumulator"]
 
-SHOT_GROUPS = ("many", "medium", "few")
-
-
-def shot_groups(class_counts: Sequence[int] | Tensor) -> dict[str, list[int]]:
-    """Class indices per shot group from training counts: many (> 100), medium (20..100), few (< 20)."""
-    counts = [int(c) for c in torch.as_tensor(class_counts).flatten().tolist()]
-    return {
-        "many": [i for i, c in enumerate(counts) if c > 100],
-        "medium": [i for i, c in enumerate(counts) if 20 <= c <= 100],
-        "few": [i for i, c in enumerate(counts) if c < 20],
-    }
+ECE_BINS = 15  # equal-width confidence bins of ECE / MCE and the reliability diagram
 
 
 def _percent(num: float, den: float) -> float | None:
     return None if den == 0 else 100.0 * float(num) / float(den)
 
 
-def calibration(confidence: Tensor, correct: Tensor, n_bins: int = 15) -> dict:
+def calibration(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS) -> dict:
     """ECE/MCE (percent) and reliability bins from confidences [N] in [0, 1] and correctness [N] (bool).
 
     Equal-width bins (lower, upper] on [0, 1] (a confidence of exactly 0 goes to the first bin).
@@ -86,7 +78,7 @@ def _check_inputs(logits: Tensor, labels: Tensor, num_classes: int) -> None:
 
 
 def classification_report(
-    logits: Tensor, labels: Tensor, class_counts: Sequence[int] | Tensor, n_bins: int = 15
+    logits: Tensor, labels: Tensor, class_counts: Sequence[int] | Tensor, n_bins: int = ECE_BINS
 ) -> dict:
     """Everything the eval writes to metrics.json, from raw logits [N, C] and labels [N].
 
@@ -103,7 +95,7 @@ def classification_report(
 
 
 def prediction_report(
-    pred: Tensor, confidence: Tensor, labels: Tensor, class_counts: Sequence[int] | Tensor, n_bins: int = 15
+    pred: Tensor, confidence: Tensor, labels: Tensor, class_counts: Sequence[int] | Tensor, n_bins: int = ECE_BINS
 ) -> dict:
     """``classification_report`` from what it needs per sample: predicted class [N], its softmax probability [N]
     and the label [N] (so a distributed eval gathers three numbers per sample, not C logits)."""

@@ -87,8 +87,7 @@ class PretrainTask:
 
     def build_model(self) -> nn.Module:
         m = self.recipe.model
-        model = build_mae(m.name, m.img_size, m.patch_size, mask_ratio=m.mask_ratio, norm_pix=m.norm_pix,
-                          decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
+        model = build_mae(m)
         if m.grad_checkpointing:
             model.encoder.set_grad_checkpointing(True)
         return model
@@ -162,8 +161,7 @@ class FinetuneTask:
 
     def build_model(self) -> nn.Module:
         m = self.recipe.model
-        model = build_classifier(m.name, m.img_size, m.patch_size, self.num_classes, drop_path=m.drop_path,
-                                 global_pool=m.global_pool)
+        model = build_classifier(m, self.num_classes)
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.init_report: dict[str, list[str]] | None = None

@@ -65,11 +65,12 @@ def exported(run: Path, name: str = "model.pt") -> dict[str, torch.Tensor]:
 
 
 def test_mgp_export_holds_every_tensor_and_the_sincos_tables(chain):
+    from livt_ds.config import ModelConfig
     from livt_ds.models.mae import sincos_pos_embed_2d
     from livt_ds.models.registry import build_mae
 
     out = chain["out"]
-    mae = build_mae("vit_test", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    mae = build_mae(ModelConfig("vit_test", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2))
     state = exported(out / "mgp")
     mae.load_state_dict(state, strict=True)  # every parameter and buffer of the MGP model
     mae.encoder.load_state_dict(exported(out / "mgp", "encoder.pt"), strict=True)
@@ -78,12 +79,13 @@ def test_mgp_export_holds_every_tensor_and_the_sincos_tables(chain):
 
 
 def test_bft_starts_from_the_mgp_encoder_and_exports_every_tensor(chain):
+    from livt_ds.config import ModelConfig
     from livt_ds.models.mae import sincos_pos_embed_2d
     from livt_ds.models.registry import build_classifier
 
     out = chain["out"]
     state = exported(out / "bft")
-    build_classifier("vit_test", 32, 8, num_classes=4).load_state_dict(state, strict=True)
+    build_classifier(ModelConfig("vit_test", 32, 8), 4).load_state_dict(state, strict=True)
     # BFT started from the MGP encoder: every trunk tensor is where MGP left it, up to bf16 rounding of the start
     # (DeepSpeed builds the fp32 master weights from the bf16 copy) and STEPS Adam steps of at most ~lr each.
     # A random start (timm: N(0, 0.02) tokens and pos_embed, xavier/trunc-normal weights) is O(0.1-1) away.

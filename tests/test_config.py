@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from livt_ds.config import (
     ConfigError,
@@ -229,3 +230,114 @@ def test_shipped_recipes_have_their_sizes_and_resolve_for_8_gpus(name):
         micro, accum = out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]
         assert out["train_batch_size"] == batch == micro * accum * 8 and micro == recipe.train.micro_batch
         assert out["optimizer"]["params"]["lr"] == pytest.approx(blr * batch / 256)
+
+
+# ---------------------------------------------------------------------------------------------- base recipes
+
+
+def test_base_chain_merges_maps_deeply_and_replaces_lists_and_scalars(tmp_path):
+    (tmp_path / "root.yaml").write_text(
+        "model:\n  name: vit_test\n  img_size: 32\n  decoder_dim: 64\n"
+        "train:\n  epochs: 10\n  betas: [0.9, 0.95]\n  micro_batch: 8\n"
+        "augment:\n  crop_scale: [0.2, 1.0]\n  mixup: 0.5\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text(  # base: is relative to this file's folder
+        "base: ../root.yaml\nmodel:\n  img_size: 64\ntrain:\n  betas: [0.9]\n  micro_batch: null\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text(
+        "base: mid.yaml\ntrain:\n  betas: [0.5, 0.6]\naugment:\n  crop_scale: [0.35, 1.0]\nloss:\n")
+    recipe = load_recipe(tmp_path / "sub" / "leaf.yaml")
+    assert (recipe.model.name, recipe.model.img_size, recipe.model.decoder_dim) == ("vit_test", 64, 64)
+    assert recipe.train.epochs == 10 and recipe.train.micro_batch is None  # null replaces a scalar
+    assert recipe.train.betas == [0.5, 0.6]  # lists replace, never concatenate or merge by index
+    assert recipe.augment.crop_scale == [0.35, 1.0] and recipe.augment.mixup == 0.5
+    assert recipe.loss == Recipe().loss  # an empty section changes nothing
+    assert load_recipe(tmp_path / "sub" / "mid.yaml").train.betas == [0.9]
+
+
+def test_overrides_apply_after_the_merge(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 10\n  warmup_epochs: 2\n  betas: [0.9, 0.95]\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 20\n")
+    recipe = load_recipe(tmp_path / "child.yaml", ["train.epochs=3", "train.warmup_epochs=1", "train.betas=[0.8, 0.9]"])
+    assert (recipe.train.epochs, recipe.train.warmup_epochs, recipe.train.betas) == (3, 1.0, [0.8, 0.9])
+    assert load_recipe(tmp_path / "child.yaml").train.epochs == 20
+
+
+def test_missing_base_and_cycles_are_errors_that_name_the_files(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: nowhere.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: base recipe .*nowhere\.yaml not found"):
+        load_recipe(tmp_path / "child.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*c\.yaml -> .*a\.yaml"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("base: ./self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "self.yaml")
+    (tmp_path / "list.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: base: expected the file name of a recipe"):
+        load_recipe(tmp_path / "list.yaml")
+
+
+def test_unknown_key_in_a_base_names_the_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epoch: 3\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key 'train.epoch'"):
+        load_recipe(tmp_path / "child.yaml")
+    (tmp_path / "ok.yaml").write_text("train:\n  epochs: 3\n")
+    (tmp_path / "bad_child.yaml").write_text("base: ok.yaml\nmodle:\n  name: vit_base\n")
+    with pytest.raises(ConfigError, match=r"bad_child\.yaml: unknown key 'modle'"):
+        load_recipe(tmp_path / "bad_child.yaml")
+
+
+def test_saved_recipe_has_no_base_and_round_trips(tmp_path):
+    child = REPO / "configs" / "bft_vit_large_inat18.yaml"
+    assert yaml.safe_load(child.read_text())["base"] == "bft_vit_large_imagenet_lt.yaml"  # a chain of two bases
+    recipe = load_recipe(child, ["train.epochs=3"])
+    save_recipe(recipe, tmp_path / "config.yaml")  # what the trainer writes into the run folder
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "base" not in saved and set(saved) == {f.name for f in dataclasses.fields(Recipe)}
+    assert load_recipe(tmp_path / "config.yaml") == recipe == recipe_from_dict(saved)
+
+
+# values each shipped recipe gets through its base chain: (epochs, warmup, drop_path) of BFT, per the paper
+BFT_SCHEDULES = {
+    "bft_vit_base_imagenet_lt": (100, 10.0, 0.1),
+    "bft_vit_base_inat18": (100, 10.0, 0.2),
+    "bft_vit_base_places_lt": (30, 5.0, 0.1),
+    "bft_vit_base_cifar100_lt": (100, 10.0, 0.1),
+    "bft_vit_large_imagenet_lt": (50, 5.0, 0.2),
+    "bft_vit_large_inat18": (50, 5.0, 0.2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_RECIPES))
+def test_shipped_recipes_resolve_to_the_paper_values_through_their_bases(name):
+    recipe = load_recipe(REPO / "configs" / f"{name}.yaml")
+    assert recipe.train.betas == [0.9, 0.95] and recipe.train.micro_batch is not None
+    assert recipe.data.path.startswith(f"shards/{name.split('_', 3)[3]}") and recipe.data.num_workers == 10
+    assert (recipe.eval.every, recipe.checkpoint.every_steps, recipe.log.every_steps) == (
+        50 if name.startswith("mgp") else 5, 1000, 50)
+    m = recipe.model
+    if name.startswith("mgp"):
+        assert (m.mask_ratio, m.norm_pix, m.decoder_dim, m.decoder_depth, m.decoder_heads) == (0.75, True, 512, 8, 16)
+        assert (recipe.train.epochs, recipe.train.warmup_epochs, recipe.train.min_lr) == (800, 40.0, 0.0)
+        return
+    assert (recipe.train.epochs, recipe.train.warmup_epochs, m.drop_path) == BFT_SCHEDULES[name]
+    assert (m.global_pool, recipe.train.min_lr, recipe.loss.tau) == ("avg", 1e-6, 1.0)
+    a = recipe.augment
+    assert (a.rand_augment, a.re_prob, a.mixup, a.cutmix, a.label_smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8,
+                                                                                  1.0, 0.1)
+
+
+def test_demo_and_tiny_recipes_keep_their_changes_over_the_paper_base():
+    demo = load_recipe(REPO / "configs" / "demo_bft.yaml")
+    assert (demo.augment.rand_augment, demo.augment.mixup, demo.augment.crop_scale) == (None, 0.0, [0.35, 1.0])
+    assert (demo.train.epochs, demo.train.batch_size, demo.train.layer_decay, demo.loss.name) == (100, 64, 0.75,
+                                                                                                  "bal_bce")
+    demo_mgp = load_recipe(REPO / "configs" / "demo_mgp.yaml")
+    assert (demo_mgp.model.decoder_dim, demo_mgp.model.mask_ratio, demo_mgp.train.epochs) == (64, 0.75, 150)
+    for name in ("tiny_mgp", "tiny_bft"):
+        tiny = load_recipe(REPO / "configs" / f"{name}.yaml")
+        assert (tiny.model.name, tiny.train.batch_size, tiny.train.micro_batch, tiny.train.epochs) == ("vit_test", None,
+                                                                                                       8, 2)

@@ -24,6 +24,20 @@ def test_shot_groups_boundaries() -> None:
     assert shot_groups(torch.tensor([5, 5])) == {"many": [], "medium": [], "few": [0, 1]}
 
 
+def test_shot_thresholds_have_one_home(monkeypatch) -> None:
+    """metrics, the reports and the demo's design rule all group classes through longtail's one function."""
+    from livt_ds import metrics, report
+    from livt_ds.data import demo, longtail
+
+    assert metrics.shot_groups is longtail.shot_groups is demo.shot_groups is report.shot_groups
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    monkeypatch.setattr(longtail, "MANY_SHOT", 200)  # class 1 (101 images) becomes medium-shot
+    monkeypatch.setattr(longtail, "FEW_SHOT", 19)  # class 4 (19 images) becomes medium-shot
+    report = classification_report(_logits_for([0, 1, 2, 3, 4, 0], 6), labels, COUNTS)
+    assert report["group_classes"] == {"many": 1, "medium": 4, "few": 1}
+    assert (report["many"], report["medium"], report["few"]) == (100.0, 100.0, 0.0)
+
+
 def test_perfect_predictions() -> None:
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
     report = classification_report(_logits_for(labels.tolist(), 6), labels, COUNTS)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from livt_ds.config import ModelConfig
 from livt_ds.models import (
+    MLP_RATIO,
     MODEL_SIZES,
+    MaskedAutoencoder,
     build_classifier,
     build_mae,
     interpolate_pos_embed,
@@ -23,7 +27,7 @@ TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 def _mae(img: int = 32, patch: int = 8, **kw) -> nn.Module:
     torch.manual_seed(0)
-    return build_mae("vit_test", img, patch, **{**TINY_DECODER, **kw})
+    return build_mae(ModelConfig("vit_test", img, patch, **{**TINY_DECODER, **kw}))
 
 
 # ---------------------------------------------------------------- registry
@@ -32,21 +36,37 @@ def test_registry_sizes_and_unknown_name() -> None:
         768, 12, 12)
     assert MODEL_SIZES["vit_test"].embed_dim == 32 and MODEL_SIZES["vit_huge"].depth == 32
     with pytest.raises(ValueError, match="vit_base"):
-        build_mae("vit_gigantic", 32, 8)
+        build_mae(ModelConfig("vit_gigantic", 32, 8))
     with pytest.raises(ValueError, match="multiple"):
-        build_classifier("vit_test", 30, 8, 10)
+        build_classifier(ModelConfig("vit_test", 30, 8), 10)
     with pytest.raises(ValueError, match="global_pool"):
-        build_classifier("vit_test", 32, 8, 10, global_pool="max")
+        build_classifier(ModelConfig("vit_test", 32, 8, global_pool="max"), 10)
 
 
 def test_classifier_pooling_and_head_init() -> None:
-    avg = build_classifier("vit_test", 32, 8, 10, drop_path=0.0)
+    avg = build_classifier(ModelConfig("vit_test", 32, 8, drop_path=0.0), 10)
     assert isinstance(avg.fc_norm, nn.LayerNorm) and isinstance(avg.norm, nn.Identity)
     assert avg.cls_token is not None
     assert avg.head.weight.abs().max() < 1e-3 and avg.head.bias.abs().max() == 0
-    tok = build_classifier("vit_test", 32, 8, 10, global_pool="token")
+    tok = build_classifier(ModelConfig("vit_test", 32, 8, global_pool="token"), 10)
     assert isinstance(tok.norm, nn.LayerNorm) and isinstance(tok.fc_norm, nn.Identity)
     assert avg(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_builders_take_every_size_from_the_typed_model_config() -> None:
+    """ModelConfig is the only home of the model defaults: the builders read it whole, MaskedAutoencoder has none."""
+    config = ModelConfig("vit_test", 32, 8, mask_ratio=0.5, norm_pix=False, decoder_dim=48, decoder_depth=3,
+                         decoder_heads=4)
+    mae = build_mae(config)
+    assert (mae.mask_ratio, mae.norm_pix, mae.patch_size, mae.num_patches) == (0.5, False, 8, 16)
+    assert mae.decoder_embed.out_features == 48 and len(mae.decoder_blocks) == 3
+    assert mae.decoder_blocks[0].attn.num_heads == 4 and mae.decoder_blocks[0].mlp.fc1.out_features == 48 * MLP_RATIO
+    clf = build_classifier(ModelConfig("vit_test", 32, 8, drop_path=0.3, global_pool="token"), 5)
+    assert clf.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3) and clf.global_pool == "token"
+    assert clf.blocks[0].mlp.fc1.out_features == 32 * MLP_RATIO and clf.head.out_features == 5
+    sizes = ("mask_ratio", "norm_pix", "decoder_dim", "decoder_depth", "decoder_heads", "mlp_ratio")
+    params = inspect.signature(MaskedAutoencoder).parameters
+    assert all(params[name].default is inspect.Parameter.empty for name in sizes)
 
 
 # ---------------------------------------------------------------- pos-embeds and init
@@ -200,9 +220,9 @@ def test_mae_encoder_matches_timm_forward_without_masking() -> None:
 def test_mae_encoder_loads_into_classifier_with_same_trunk_outputs() -> None:
     mae = _mae()
     encoder_keys = set(mae.encoder.state_dict())
-    assert encoder_keys == {k for k in build_classifier("vit_test", 32, 8, 10, global_pool="token").state_dict()
-                            if not k.startswith("head.")}
-    token = build_classifier("vit_test", 32, 8, 10, global_pool="token", drop_path=0.0)
+    token_config = ModelConfig("vit_test", 32, 8, global_pool="token")
+    assert encoder_keys == {k for k in build_classifier(token_config, 10).state_dict() if not k.startswith("head.")}
+    token = build_classifier(ModelConfig("vit_test", 32, 8, global_pool="token", drop_path=0.0), 10)
     report = load_encoder_weights(token, mae.state_dict())
     assert report["missing"] == ["head.bias", "head.weight"] and report["unexpected"] == []
     assert "mask_token" in report["ignored"] and all(not k.startswith("encoder.") for k in report["ignored"])
@@ -210,7 +230,7 @@ def test_mae_encoder_loads_into_classifier_with_same_trunk_outputs() -> None:
     with torch.no_grad():
         assert torch.allclose(token.eval().forward_features(images), mae.encoder.eval().forward_features(images))
 
-    avg = build_classifier("vit_test", 32, 8, 10, drop_path=0.0)
+    avg = build_classifier(ModelConfig("vit_test", 32, 8, drop_path=0.0), 10)
     report = load_encoder_weights(avg, {"model": mae.state_dict()})
     assert report["missing"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert report["unexpected"] == ["norm.bias", "norm.weight"]
@@ -221,22 +241,22 @@ def test_mae_encoder_loads_into_classifier_with_same_trunk_outputs() -> None:
 
 def test_bare_encoder_wrapped_and_classifier_state_dicts() -> None:
     mae = _mae()
-    clf = build_classifier("vit_test", 32, 8, 10, global_pool="token")
+    clf = build_classifier(ModelConfig("vit_test", 32, 8, global_pool="token"), 10)
     report = load_encoder_weights(clf, {"module": {f"module.{k}": v for k, v in mae.encoder.state_dict().items()}})
     assert report == {"missing": ["head.bias", "head.weight"], "unexpected": [], "ignored": []}
     assert torch.equal(clf.blocks[1].mlp.fc2.weight, mae.encoder.blocks[1].mlp.fc2.weight)
-    source = build_classifier("vit_test", 32, 8, 10, global_pool="token")
+    source = build_classifier(ModelConfig("vit_test", 32, 8, global_pool="token"), 10)
     report = load_encoder_weights(clf, source.state_dict())
     assert report == {"missing": [], "unexpected": [], "ignored": []}
     assert torch.equal(clf.head.weight, source.head.weight)
-    other_classes = build_classifier("vit_test", 32, 8, 7, global_pool="token")
+    other_classes = build_classifier(ModelConfig("vit_test", 32, 8, global_pool="token"), 7)
     report = load_encoder_weights(other_classes, source.state_dict())
     assert report["ignored"] == ["head.bias", "head.weight"] and report["missing"] == ["head.bias", "head.weight"]
 
 
 def test_pos_embed_interpolation_8x8_to_14x14() -> None:
     mae = _mae(img=64, patch=8)  # 8x8 grid
-    clf = build_classifier("vit_test", 112, 8, 10)  # 14x14 grid
+    clf = build_classifier(ModelConfig("vit_test", 112, 8), 10)  # 14x14 grid
     load_encoder_weights(clf, mae.state_dict())
     assert clf.pos_embed.shape == (1, 1 + 14 * 14, 32)
     assert torch.equal(clf.pos_embed[:, 0], mae.encoder.pos_embed[:, 0])
@@ -263,11 +283,11 @@ def test_pos_embed_interpolation_8x8_to_14x14() -> None:
 
 def test_wrong_model_size_raises_clear_error() -> None:
     mae = _mae()
-    demo = build_classifier("vit_demo", 32, 8, 10)
+    demo = build_classifier(ModelConfig("vit_demo", 32, 8), 10)
     with pytest.raises(ValueError, match=r"cls_token.*\[1, 1, 32\].*\[1, 1, 64\]"):
         load_encoder_weights(demo, mae.state_dict())
     with pytest.raises(ValueError, match="patch_size"):
-        load_encoder_weights(build_classifier("vit_test", 32, 4, 10), mae.state_dict())
+        load_encoder_weights(build_classifier(ModelConfig("vit_test", 32, 4), 10), mae.state_dict())
     with pytest.raises(ValueError, match="state dict"):
         load_encoder_weights(demo, {"epoch": 3})
 
@@ -287,9 +307,9 @@ def test_fixed_pos_tables_are_fp32_buffers_in_the_state_dict() -> None:
 def test_init_missing_a_trunk_key_is_an_error_naming_it() -> None:
     mae = _mae()
     state = {k: v for k, v in mae.state_dict().items() if k != "encoder.pos_embed"}
-    clf = build_classifier("vit_test", 32, 8, 10)
+    clf = build_classifier(ModelConfig("vit_test", 32, 8), 10)
     with pytest.raises(ValueError, match=r"lacks 1 key.*'pos_embed'.*livt export"):
         load_encoder_weights(clf, state)
     state = {k: v for k, v in mae.encoder.state_dict().items() if not k.startswith("blocks.1.attn.")}
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.proj\.bias"):
-        load_encoder_weights(build_classifier("vit_test", 32, 8, 10, global_pool="token"), state)
+        load_encoder_weights(build_classifier(ModelConfig("vit_test", 32, 8, global_pool="token"), 10), state)

@@ -7,6 +7,7 @@ import torch
 from datafixtures import loader_position, make_shard_set, rewrite_tar
 from torchvision import transforms as T
 
+from livt_ds.config import AugmentConfig
 from livt_ds.data.pipeline import (
     EvalStream,
     StreamPosition,
@@ -22,6 +23,8 @@ from livt_ds.train_state import steps_per_epoch
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 MGP = mgp_transform(16, MEAN, STD)
+PAPER = AugmentConfig()
+BFT = dict(rand_augment=PAPER.rand_augment, re_prob=PAPER.re_prob, crop_scale=PAPER.crop_scale)  # the paper's
 PIXELS = T.PILToTensor()  # uint8 [3,16,16]: identifies a sample by its image
 
 
@@ -107,7 +110,7 @@ def test_one_shard_still_gives_every_rank_its_batches(sets):
 @pytest.mark.parametrize(("workers", "skip"), [(0, 3), (2, 3), (2, 4)])
 def test_skip_batches_resumes_exactly(sets, workers, skip):
     shard_dir = sets[3]
-    tf = bft_transform(16, MEAN, STD) if workers else MGP  # RandAugment + erasing must be reproducible too
+    tf = bft_transform(16, MEAN, STD, **BFT) if workers else MGP  # RandAugment + erasing must be reproducible too
     full = train_batches(shard_dir, num_batches=7, num_workers=workers, transform=tf)
     resumed = train_batches(shard_dir, num_batches=7, num_workers=workers, transform=tf, skip_batches=skip)
     assert len(full) == 7 and len(resumed) == 7 - skip
@@ -250,6 +253,6 @@ def test_in_process_stream_leaves_the_callers_rngs_alone(sets):
 
     torch.manual_seed(5), np.random.seed(5), random.seed(5)
     states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
-    train_batches(sets[3], transform=bft_transform(16, MEAN, STD), num_workers=0)
+    train_batches(sets[3], transform=bft_transform(16, MEAN, STD, **BFT), num_workers=0)
     assert torch.equal(torch.get_rng_state(), states[0])  # a resumed trainer's RNG stays on its trajectory
     assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]

@@ -58,9 +58,10 @@ def val_images(tmp_path_factory) -> list[Path]:
 
 def engine_model(run: Path):
     """The BFT classifier with the weights of the run's last checkpoint (consolidated from ZeRO shards)."""
+    from livt_ds.config import ModelConfig
     from livt_ds.models.registry import build_classifier
 
-    model = build_classifier("vit_test", 32, 8, num_classes=4)
+    model = build_classifier(ModelConfig("vit_test", 32, 8), 4)
     model.load_state_dict(load_weights(run / "checkpoints"))
     return model.eval()
 
@@ -107,9 +108,10 @@ def test_export_loads_in_plain_timm_with_the_engines_predictions(pipeline_runs, 
     enc_out = plain_timm(enc_export, val_images[:3], tmp_path)
     assert enc_out["num_classes"] == 0
     assert torch.allclose(torch.tensor(enc_out["pos_embed"])[0], sincos_pos_embed_2d(32, (4, 4)), atol=1e-6)
+    from livt_ds.config import ModelConfig
     from livt_ds.models.registry import build_mae
 
-    mae = build_mae("vit_test", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    mae = build_mae(ModelConfig("vit_test", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2))
     mae.load_state_dict(load_weights(pipeline_runs / "mgp" / "checkpoints"))
     with torch.no_grad():
         features = mae.encoder.eval()(torch.stack([transform(Image.open(p).convert("RGB")) for p in val_images[:3]]))

@@ -138,7 +138,7 @@ def test_imbalance_on_any_source_orders_classes_by_count():
     kept = longtail_subsample(labels, 4, gamma=5, seed=3)
     assert [sum(labels[i] == c for i in kept) for c in range(4)] == [2, 10, 3, 5]
     assert kept == longtail_subsample(labels, 4, gamma=5, seed=3) != longtail_subsample(labels, 4, gamma=5, seed=4)
-    assert shot_groups([150, 100, 20, 19]) == ["many", "medium", "medium", "few"]
+    assert shot_groups([150, 100, 20, 19]) == {"many": [0], "medium": [1, 2], "few": [3]}
     assert sum(exponential_profile(5000, 10, 100)) == 12406 and sum(exponential_profile(500, 100, 100)) == 10847
 
 

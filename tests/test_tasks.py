@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from livt_ds.config import load_recipe
+from livt_ds.config import ModelConfig, load_recipe
 from livt_ds.models.registry import build_classifier, build_mae
 from livt_ds.optim import param_groups
 from livt_ds.tasks import FinetuneTask, PretrainTask
@@ -116,7 +116,7 @@ def groups_by_name(model: torch.nn.Module, groups: list[dict]) -> dict[str, dict
 
 def test_layer_decay_scales_and_no_weight_decay_groups():
     torch.manual_seed(0)
-    model = build_classifier("vit_test", 32, 8, 4)  # depth 2
+    model = build_classifier(ModelConfig("vit_test", 32, 8), 4)  # depth 2
     by_name = groups_by_name(model, param_groups(model, 0.05, 0.75))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(by_name) == trainable
@@ -130,7 +130,7 @@ def test_layer_decay_scales_and_no_weight_decay_groups():
 
 def test_mgp_groups_decay_only_matrices():
     torch.manual_seed(0)
-    model = build_mae("vit_test", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    model = build_mae(ModelConfig("vit_test", 32, 8, decoder_dim=32, decoder_depth=1, decoder_heads=2))
     groups = param_groups(model, 0.05, 1.0)
     by_name = groups_by_name(model, groups)
     assert set(by_name) == {n for n, p in model.named_parameters() if p.requires_grad}

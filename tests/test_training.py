@@ -125,12 +125,13 @@ def test_finetune_loads_the_mgp_encoder_exactly(zero3_bft, pipeline_runs):
 def test_zero3_evaluation_and_export(zero3_bft, toy_shards):
     """The ZeRO-3 engine's evaluation (weights gathered in forward, 2 ranks) equals the exported weights run
     on one process here: the same accuracy per class over the same 20 images."""
+    from livt_ds.config import ModelConfig
     from livt_ds.data.pipeline import eval_loader
     from livt_ds.data.transforms import eval_transform
     from livt_ds.models.registry import build_classifier
     from livt_ds.weights import load_weights
 
-    model = build_classifier("vit_test", 32, 8, num_classes=4, global_pool="avg")
+    model = build_classifier(ModelConfig("vit_test", 32, 8, global_pool="avg"), 4)
     model.load_state_dict(load_weights(zero3_bft / "export"))  # strict: a complete ZeRO-3 consolidation
     model.eval()
     meta = json.loads((toy_shards / "meta.json").read_text())
@@ -151,10 +152,11 @@ def test_zero3_evaluation_and_export(zero3_bft, toy_shards):
 
 
 def test_export_loads_without_deepspeed_and_matches_engine_eval(pipeline_runs, toy_shards, tmp_path):
+    from livt_ds.config import ModelConfig
     from livt_ds.models.registry import build_classifier
 
     exported = torch.load(pipeline_runs / "bft" / "export" / "model.pt", weights_only=False)
-    model = build_classifier("vit_test", 32, 8, num_classes=4)
+    model = build_classifier(ModelConfig("vit_test", 32, 8), 4)
     model.load_state_dict(exported["model"])  # strict: every key of the plain model
     encoder = torch.load(pipeline_runs / "mgp" / "export" / "encoder.pt", weights_only=False)["model"]
     assert "pos_embed" in encoder and not any(k.startswith("decoder") for k in encoder)

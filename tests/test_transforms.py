@@ -12,9 +12,17 @@ from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
+from livt_ds.config import AugmentConfig
 from livt_ds.data.transforms import bft_transform, build_mixup, default_crop_pct, eval_transform, mgp_transform
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+PAPER = AugmentConfig()  # the one home of the paper's BFT augmentation defaults
+
+
+def bft(img_size: int, **changes):
+    """The BFT transform with the recipe defaults (AugmentConfig) except ``changes``."""
+    settings = dict(rand_augment=PAPER.rand_augment, re_prob=PAPER.re_prob, crop_scale=PAPER.crop_scale)
+    return bft_transform(img_size, MEAN, STD, **{**settings, **changes})
 TINY_BFT = Path(__file__).resolve().parents[1] / "configs" / "tiny_bft.yaml"
 
 
@@ -39,7 +47,7 @@ def test_mgp_is_crop_flip_normalise_only():
 
 
 def test_bft_uses_rand_augment_and_pixel_erasing():
-    tf = bft_transform(32, MEAN, STD)
+    tf = bft(32)
     found = {type(t).__name__: t for t in ops(tf)}
     assert isinstance(found["RandAugment"], RandAugment) and "ColorJitter" not in found
     erasing = found["RandomErasing"]
@@ -47,7 +55,7 @@ def test_bft_uses_rand_augment_and_pixel_erasing():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8))
     assert tf(img).shape == (3, 32, 32)
-    plain = bft_transform(32, MEAN, STD, rand_augment=None, re_prob=0.0)
+    plain = bft(32, rand_augment=None, re_prob=0.0)
     assert "RandAugment" not in {type(t).__name__ for t in ops(plain)}
     assert "RandomErasing" not in {type(t).__name__ for t in ops(plain)}
 
@@ -64,14 +72,14 @@ def rand_augment_of(transform) -> RandAugment:
 
 def test_bft_rand_augment_is_m9_mstd05_two_layers_increasing_ops():
     """rand-m9-mstd0.5-inc1: 2 ops per image from the 15 'increasing' ops, magnitude 9 with std 0.5, p 0.5 each."""
-    ra = rand_augment_of(bft_transform(32, MEAN, STD))
+    ra = rand_augment_of(bft(32))
     assert ra.num_layers == 2 and ra.choice_weights is None
     assert [op.name for op in ra.ops] == INCREASING_OPS
     assert {(op.magnitude, op.magnitude_std, op.prob) for op in ra.ops} == {(9, 0.5, 0.5)}
-    erasing = next(t for t in ops(bft_transform(32, MEAN, STD)) if isinstance(t, RandomErasing))
+    erasing = next(t for t in ops(bft(32)) if isinstance(t, RandomErasing))
     assert (erasing.min_count, erasing.max_count) == (1, 1)
     # the recipe's string is what is built: another setting gives other ops, magnitude and layers
-    other = rand_augment_of(bft_transform(32, MEAN, STD, rand_augment="rand-m5-n3"))
+    other = rand_augment_of(bft(32, rand_augment="rand-m5-n3"))
     assert other.num_layers == 3 and {(op.magnitude, op.magnitude_std) for op in other.ops} == {(5, 0)}
     assert "PosterizeIncreasing" not in [op.name for op in other.ops]
 
@@ -92,7 +100,7 @@ def test_bft_task_builds_the_recipes_augmentation():
 
 def test_bft_posterize_at_full_magnitude_works():
     """timm's inc1 posterize asks for 0 bits at magnitude 10; Pillow 13 raises there, we give the old black image."""
-    (ra,) = [t for t in ops(bft_transform(16, MEAN, STD)) if isinstance(t, RandAugment)]
+    (ra,) = [t for t in ops(bft(16)) if isinstance(t, RandAugment)]
     (op,) = [op for op in ra.ops if op.name == "PosterizeIncreasing"]
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
     out = op(Image.new("RGB", (16, 16), (200, 100, 50)))
@@ -144,9 +152,9 @@ def _crop(transform):
 
 
 def test_bft_crop_scale_reaches_random_resized_crop():
-    default = bft_transform(32, MEAN, STD, rand_augment=None, re_prob=0.0)
+    default = bft(32, rand_augment=None, re_prob=0.0)
     assert tuple(_crop(default).scale) == (0.08, 1.0)  # timm's default
-    larger = bft_transform(32, MEAN, STD, rand_augment=None, re_prob=0.0, crop_scale=[0.35, 1.0])
+    larger = bft(32, rand_augment=None, re_prob=0.0, crop_scale=[0.35, 1.0])
     assert tuple(_crop(larger).scale) == (0.35, 1.0)
     # a centred disc: every crop of >= 35 % of the area (side >= 0.51) contains the centre, 8 % crops can miss it
     yy, xx = np.mgrid[:64, :64]
@@ -158,7 +166,7 @@ def test_bft_crop_scale_reaches_random_resized_crop():
               for name, tf in (("default", default), ("larger", larger))}
     assert missed["larger"] == 0 and missed["default"] > 0, missed
     with pytest.raises(ValueError, match="crop_scale"):
-        bft_transform(32, MEAN, STD, crop_scale=(0.5, 0.2))
+        bft(32, crop_scale=(0.5, 0.2))
 
 
 def test_recipe_crop_scale_is_checked():

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from livt_ds.data.longtail import exponential_profile
+from livt_ds.data.longtail import exponential_profile, shot_groups
 
 DEMO_IMAGE_SIZE = 32
 DEMO_GAMMA = 100.0
@@ -65,7 +65,6 @@ _SCHEMES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 }
 _SHAPES = ("circle", "square", "triangle")
 _TEXTURES = ("solid", "striped", "dotted")
-_FREQUENT_MIN = 20  # "frequent" classes of the design rule: many- and medium-shot (>= 20 training images)
 _SUPERSAMPLE = 2
 _SPLIT_IDS = {"train": 1, "val": 2}
 
@@ -80,9 +79,9 @@ def demo_class_counts(split: str) -> list[int]:
 
 def check_design_rule() -> None:
     """Raise ValueError unless the class table follows the design rule of the module docstring."""
-    counts = demo_class_counts("train")
-    frequent = [a for a, n in zip(_CLASS_ATTRS, counts, strict=True) if n >= _FREQUENT_MIN]
-    rare = [a for a, n in zip(_CLASS_ATTRS, counts, strict=True) if n < _FREQUENT_MIN]
+    groups = shot_groups(demo_class_counts("train"))  # "frequent" classes of the rule: many- and medium-shot
+    frequent = [_CLASS_ATTRS[i] for i in sorted(groups["many"] + groups["medium"])]
+    rare = [_CLASS_ATTRS[i] for i in groups["few"]]
     cues = ("colour", "texture", "shape")
     taught = [{frozenset((a[k], b[k])) for a in frequent for b in frequent if a[k] != b[k]} for k in range(3)]
     for r in rare:
@@ -91,7 +90,7 @@ def check_design_rule() -> None:
                 if r[k] != other[k] and frozenset((r[k], other[k])) not in taught[k]:
                     raise ValueError(f"demo classes: {cue} {r[k]} vs {other[k]} separates {'_'.join(r)} from "
                                      f"{'_'.join(other)} but no pair of frequent classes")
-    head = frequent[: sum(n > 100 for n in counts)]
+    head = [_CLASS_ATTRS[i] for i in groups["many"]]
     for k, cue in enumerate(cues):
         if not any(sum(x != y for x, y in zip(a, b, strict=True)) == 1 and a[k] != b[k] for a in head for b in head):
             raise ValueError(f"demo classes: no two many-shot classes differ in {cue} alone")

@@ -1,5 +1,8 @@
 """Long-tail profiles, subsampling a data set onto one, and the many/medium/few shot groups.
 
+The shot thresholds live here only (the metrics, reports and the demo's design rule use `shot_groups`): the LT
+literature's many > 100 training images, medium 20..100, few < 20.
+
 The exponential profile is the one the long-tail literature (and LiVT) uses for CIFAR-LT:
 ``n_i = int(n_max * gamma ** (-i / (C - 1)))`` for the i-th class in head-to-tail order, so the head keeps
 ``n_max`` images and the tail ``n_max / gamma``.
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 
 MANY_SHOT = 100  # classes with more than this many training images are "many-shot"
 FEW_SHOT = 20  # classes with fewer than this many are "few-shot"; the rest are "medium"
+SHOT_GROUPS = ("many", "medium", "few")
 
 
 def exponential_profile(n_max: int, num_classes: int, gamma: float) -> list[int]:
@@ -62,9 +66,14 @@ def longtail_subsample(labels: Sequence[int], num_classes: int, gamma: float, se
     return sorted(kept)
 
 
-def shot_groups(class_counts: Sequence[int], many: int = MANY_SHOT, few: int = FEW_SHOT) -> list[str]:
-    """``"many"`` (> many), ``"medium"`` (few..many) or ``"few"`` (< few) per class, from training counts."""
-    return ["many" if n > many else "few" if n < few else "medium" for n in class_counts]
+def shot_groups(class_counts: Sequence[int]) -> dict[str, list[int]]:
+    """Class indices per shot group from training counts ``[C]`` (a list or a 1-D tensor): many (> MANY_SHOT),
+    medium (FEW_SHOT..MANY_SHOT), few (< FEW_SHOT); every group is present, empty or not."""
+    groups: dict[str, list[int]] = {name: [] for name in SHOT_GROUPS}
+    for i, count in enumerate(class_counts):
+        count = int(count)
+        groups["many" if count > MANY_SHOT else "few" if count < FEW_SHOT else "medium"].append(i)
+    return groups
 
 
 def imbalance_ratio(class_counts: Sequence[int]) -> float:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from livt_ds.config import ConfigError, DataConfig
+
 logger = logging.getLogger(__name__)
 
 BUFFER_BYTES = 1 << 20
@@ -49,15 +51,23 @@ class ShardMissing(ShardUnavailable, FileNotFoundError):
     """A file of a shard set does not exist (HTTP 404/410, no such object or file)."""
 
 
+_DATA = DataConfig()
+
+
+def _gigabytes(size_gb: float) -> int:
+    return int(size_gb * 1e9)
+
+
 @dataclass(frozen=True)
 class RemoteOptions:
     """How remote files are read: retries, waits, timeout, and the optional local cache (``cache_dir``)."""
 
-    retries: int = 5  # further tries of one file after a failed open or read
-    backoff_s: float = 1.0  # wait before the first retry; doubles each time (capped at MAX_WAIT_S), +-50 % jitter
-    timeout_s: float = 60.0  # connect / read timeout of one HTTP request
-    cache_dir: str = ""  # "" = no cache
-    cache_max_bytes: int = 100 * 10**9
+    # defaults: the recipe's (DataConfig is their one home)
+    retries: int = _DATA.retries  # further tries of one file after a failed open or read
+    backoff_s: float = _DATA.retry_backoff_s  # first retry's wait; doubles (capped at MAX_WAIT_S), +-50 % jitter
+    timeout_s: float = _DATA.timeout_s  # connect / read timeout of one HTTP request
+    cache_dir: str = _DATA.cache_dir  # "" = no cache
+    cache_max_bytes: int = _gigabytes(_DATA.cache_max_gb)
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.cache_max_bytes < 0:
@@ -67,11 +77,9 @@ class RemoteOptions:
     def from_config(cls, data: Any) -> RemoteOptions:
         """From a recipe's ``data`` section (``retries``, ``retry_backoff_s``, ``timeout_s``, ``cache_*``);
         a ConfigError naming the keys when a value is out of range."""
-        from livt_ds.config import ConfigError
-
         try:
             return cls(retries=data.retries, backoff_s=data.retry_backoff_s, timeout_s=data.timeout_s,
-                       cache_dir=data.cache_dir, cache_max_bytes=int(data.cache_max_gb * 1e9))  # fmt: skip
+                       cache_dir=data.cache_dir, cache_max_bytes=_gigabytes(data.cache_max_gb))  # fmt: skip
         except ValueError as exn:
             raise ConfigError(f"data.retries / retry_backoff_s / timeout_s / cache_max_gb: {exn}") from None
 

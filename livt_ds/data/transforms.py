@@ -14,8 +14,6 @@ from timm.data import auto_augment as timm_aa
 from torchvision import transforms as T
 
 MGP_SCALE = (0.2, 1.0)  # RandomResizedCrop area range of masked generative pretraining (MAE recipe)
-BFT_SCALE = (0.08, 1.0)  # RandomResizedCrop area range of fine-tuning: timm's default
-DEFAULT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,12 +44,13 @@ def bft_transform(
     mean: Sequence[float],
     std: Sequence[float],
     *,
-    rand_augment: str | None = DEFAULT_RAND_AUGMENT,
-    re_prob: float = 0.25,
-    crop_scale: Sequence[float] = BFT_SCALE,
+    rand_augment: str | None,
+    re_prob: float,
+    crop_scale: Sequence[float],
 ) -> Callable:
     """BFT: timm's training transform (RandomResizedCrop, flip, RandAugment, random erasing in pixel mode).
 
+    The three settings come from the recipe's ``augment`` section (their defaults live in AugmentConfig).
     No colour jitter (as in the MAE/LiVT fine-tuning recipe); ``rand_augment=None`` turns RandAugment off.
     ``crop_scale`` is RandomResizedCrop's (min, max) area fraction: timm's 0.08-1 can cut a small image's
     object out, so small-image recipes may raise the lower bound (``augment.crop_scale``).

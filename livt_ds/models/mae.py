@@ -78,6 +78,7 @@ class MaskedAutoencoder(nn.Module):
     """MAE-style MGP model: timm ViT encoder (`self.encoder`) on visible patches + light Transformer decoder.
 
     forward(images [B,3,H,W]) -> (loss 0-dim fp32, pred [B, L, p*p*3], mask [B, L] with 1 = masked).
+    Every size is an argument without a default: build it from a recipe with `registry.build_mae`.
     """
 
     def __init__(
@@ -88,12 +89,12 @@ class MaskedAutoencoder(nn.Module):
         depth: int,
         num_heads: int,
         *,
-        mask_ratio: float = 0.75,
-        norm_pix: bool = True,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        mlp_ratio: float = 4.0,
+        mask_ratio: float,
+        norm_pix: bool,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+        mlp_ratio: float,
     ) -> None:
         super().__init__()
         _check_heads("encoder", embed_dim, num_heads)

@@ -1,5 +1,7 @@
 """Explicit name -> size map for the ViTs we train, and the two constructors the tasks call.
 
+The constructors take the recipe's typed ``model`` section (ModelConfig), so every model default has one home.
+
 Sizes follow ViT/DeiT (patch size and image size are separate arguments); `vit_test` and `vit_demo` are tiny
 widths for CPU tests and the built-in demo.
 """
@@ -12,9 +14,10 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from livt_ds.config import ModelConfig
 from livt_ds.models.mae import MaskedAutoencoder
 
-__all__ = ["ViTSize", "MODEL_SIZES", "get_size", "build_mae", "build_classifier"]
+__all__ = ["ViTSize", "MODEL_SIZES", "MLP_RATIO", "get_size", "build_mae", "build_classifier"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ MODEL_SIZES: dict[str, ViTSize] = {
 }
 
 GLOBAL_POOLS = ("avg", "token")
+MLP_RATIO = 4.0  # hidden width of every block's MLP / embed width (ViT, DeiT and MAE; encoder and MGP decoder)
 
 
 def get_size(name: str) -> ViTSize:
@@ -54,54 +58,37 @@ def _check_grid(img_size: int, patch_size: int) -> None:
         )
 
 
-def build_mae(
-    name: str,
-    img_size: int,
-    patch_size: int = 16,
-    *,
-    mask_ratio: float = 0.75,
-    norm_pix: bool = True,
-    decoder_dim: int = 512,
-    decoder_depth: int = 8,
-    decoder_heads: int = 16,
-) -> MaskedAutoencoder:
-    """MGP model for encoder size `name` at `img_size` (decoder defaults: 8 blocks, width 512, 16 heads)."""
-    size = get_size(name)
-    _check_grid(img_size, patch_size)
+def build_mae(model: ModelConfig) -> MaskedAutoencoder:
+    """MGP model for the recipe's ``model`` section: encoder ``model.name`` at ``model.img_size``, decoder and
+    masking from the same section (the defaults live in ModelConfig)."""
+    size = get_size(model.name)
+    _check_grid(model.img_size, model.patch_size)
     return MaskedAutoencoder(
-        img_size, patch_size, size.embed_dim, size.depth, size.num_heads,
-        mask_ratio=mask_ratio, norm_pix=norm_pix,
-        decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+        model.img_size, model.patch_size, size.embed_dim, size.depth, size.num_heads,
+        mask_ratio=model.mask_ratio, norm_pix=model.norm_pix, decoder_dim=model.decoder_dim,
+        decoder_depth=model.decoder_depth, decoder_heads=model.decoder_heads, mlp_ratio=MLP_RATIO,
     )
 
 
-def build_classifier(
-    name: str,
-    img_size: int,
-    patch_size: int = 16,
-    num_classes: int = 1000,
-    *,
-    drop_path: float = 0.1,
-    global_pool: str = "avg",
-) -> VisionTransformer:
-    """BFT classifier: timm ViT with a linear head (trunc-normal std 2e-5, bias 0).
+def build_classifier(model: ModelConfig, num_classes: int) -> VisionTransformer:
+    """BFT classifier for the recipe's ``model`` section: timm ViT with a linear head (trunc-normal std 2e-5, bias 0).
 
-    global_pool "avg": mean of the patch tokens then LayerNorm (timm's `fc_norm`; the final `norm` is Identity);
-    "token": the cls token after the final `norm`. The cls token exists in both cases, so the trunk's keys match
-    the MGP encoder's. Input [B,3,img_size,img_size] -> logits [B, num_classes].
+    model.global_pool "avg": mean of the patch tokens then LayerNorm (timm's `fc_norm`; the final `norm` is
+    Identity); "token": the cls token after the final `norm`. The cls token exists in both cases, so the trunk's
+    keys match the MGP encoder's. Input [B,3,img_size,img_size] -> logits [B, num_classes].
     """
-    size = get_size(name)
-    _check_grid(img_size, patch_size)
-    if global_pool not in GLOBAL_POOLS:
-        raise ValueError(f"global_pool={global_pool!r} is not supported; use one of {GLOBAL_POOLS}")
+    size = get_size(model.name)
+    _check_grid(model.img_size, model.patch_size)
+    if model.global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"model.global_pool={model.global_pool!r} is not supported; use one of {GLOBAL_POOLS}")
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be >= 1")
-    model = VisionTransformer(
-        img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool=global_pool,
-        embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads, mlp_ratio=4.0, qkv_bias=True,
-        class_token=True, drop_path_rate=drop_path,
+    classifier = VisionTransformer(
+        img_size=model.img_size, patch_size=model.patch_size, num_classes=num_classes, global_pool=model.global_pool,
+        embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads, mlp_ratio=MLP_RATIO, qkv_bias=True,
+        class_token=True, drop_path_rate=model.drop_path,
     )
-    assert isinstance(model.head, nn.Linear)
-    trunc_normal_(model.head.weight, std=2e-5)
-    nn.init.zeros_(model.head.bias)
-    return model
+    assert isinstance(classifier.head, nn.Linear)
+    trunc_normal_(classifier.head.weight, std=2e-5)
+    nn.init.zeros_(classifier.head.bias)
+    return classifier

@@ -92,12 +92,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_command(ranks: int, launcher: str = "torchrun") -> list[str]:
+    """The command line that starts ``ranks`` processes of ``python -m livt_ds``: torchrun (one launcher process
+    importing torch only: the cheap default of the suite) or the deepspeed launcher users run (runner + launch,
+    each importing deepspeed), which the shared pipeline runs, the SIGTERM, multi-node and chaos tests use."""
+    n, port = str(launch_ranks(ranks)), str(free_port())
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port,
+                "--module", "livt_ds"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", port,
+            "--module", "livt_ds"]
+
+
 def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check: bool = True,
-             timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `livt ARGS` under the deepspeed launcher with ``ranks`` CPU processes (or plainly when ranks == 0)."""
+             timeout: int = 600, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0)."""
     if ranks:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launch_ranks(ranks)),
-               "--master_port", str(free_port()), "--module", "livt_ds", *args]
+        cmd = [*launch_command(ranks, launcher), *args]
     else:
         cmd = [sys.executable, "-m", "livt_ds", *args]
     result = subprocess.run(cmd, cwd=cwd or REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
@@ -125,9 +136,9 @@ def pipeline_runs(toy_shards, tmp_path_factory):
     test files that need trained runs (test_training, test_predict)."""
     out = tmp_path_factory.mktemp("runs")
     data = f"data.path={toy_shards}"
-    run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "mgp"), data, "train.epochs=2"])
+    run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "mgp"), data, "train.epochs=2"], launcher="deepspeed")
     run_livt(["finetune", *BFT_ARGS, "--output", str(out / "bft"), data, f"model.init={out / 'mgp'}", "train.epochs=2",
-              "augment.mixup=0", "augment.cutmix=0"])
+              "augment.mixup=0", "augment.cutmix=0"], launcher="deepspeed")
     run_livt(["export", str(out / "bft")], ranks=0)
     run_livt(["export", str(out / "mgp")], ranks=0)
     return out

@@ -1,4 +1,5 @@
-"""End-to-end DeepSpeed runs on CPU (gloo, 2 ranks) through the real CLI and the deepspeed launcher."""
+"""End-to-end DeepSpeed runs on CPU (gloo, 2 ranks) through the real CLI: under torchrun, and under the deepspeed
+launcher for the shared pipeline runs, SIGTERM and the two-node launch."""
 
 from __future__ import annotations
 

@@ -132,7 +132,8 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(bft_runs):
     assert kept == {f"step{TOTAL - 1:08d}", f"step{TOTAL:08d}", f"step{best['step']:08d}"}
     assert (ckpts / "latest").read_text().strip() == f"step{TOTAL:08d}"
     model, _ = checkpoint_files(ckpts / f"step{TOTAL:08d}")
-    assert model["best"]["tag"] == f"step{best['step']:08d}"
+    assert model["train_state"]["best"]["tag"] == f"step{best['step']:08d}"
+    assert json.loads((ckpts / f"step{TOTAL:08d}" / "train_state.json").read_text()) == model["train_state"]
 
 
 def test_best_metrics_holds_the_best_evaluation(bft_runs):
@@ -147,7 +148,7 @@ def test_best_metrics_holds_the_best_evaluation(bft_runs):
     assert saved["ece"] != last["ece"]  # best_metrics.json is not a copy of the latest evaluation
     # the best travels in the checkpoint: the resumed run knows the best of the evaluations before the resume
     model, _ = checkpoint_files(bft_runs["cont"] / "checkpoints" / f"step{TOTAL:08d}")
-    assert model["best"]["tag"] == f"step{best['step']:08d}"
+    assert model["train_state"]["best"]["tag"] == f"step{best['step']:08d}"
     assert model["best"]["value"] == pytest.approx(best["eval/top1"], abs=1e-9)
 
 

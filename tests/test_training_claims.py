@@ -149,7 +149,7 @@ def test_best_metrics_holds_the_best_evaluation(bft_runs):
     # the best travels in the checkpoint: the resumed run knows the best of the evaluations before the resume
     model, _ = checkpoint_files(bft_runs["cont"] / "checkpoints" / f"step{TOTAL:08d}")
     assert model["train_state"]["best"]["tag"] == f"step{best['step']:08d}"
-    assert model["best"]["value"] == pytest.approx(best["eval/top1"], abs=1e-9)
+    assert model["train_state"]["best"]["value"] == pytest.approx(best["eval/top1"], abs=1e-9)
 
 
 def test_compare_on_real_run_folders(bft_runs, tmp_path):

@@ -105,8 +105,11 @@ def launch_command(ranks: int, launcher: str = "torchrun") -> list[str]:
 
 
 def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check: bool = True,
-             timeout: int = 600, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0)."""
+             timeout: int = 600, launcher: str | None = None) -> subprocess.CompletedProcess:
+    """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0). A test that
+    reads the exit code (``check=False``) gets the deepspeed launcher by default: it passes a rank's exit code on,
+    while torchrun reports every failure as 1."""
+    launcher = launcher or ("torchrun" if check else "deepspeed")
     if ranks:
         cmd = [*launch_command(ranks, launcher), *args]
     else:

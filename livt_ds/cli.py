@@ -132,6 +132,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.config, args.overrides)  # fail on a bad recipe before any process group starts
     dist.init_distributed()
+    try:
+        return _run_distributed(args, recipe)
+    finally:
+        dist.shutdown()
+
+
+def _run_distributed(args: argparse.Namespace, recipe) -> int:
+    from livt_ds import dist
+
     ds_config = args.ds_config or default_ds_config()
     if args.command == "eval":
         from livt_ds.evaluate import run_eval

@@ -89,6 +89,16 @@ def init_distributed() -> str:
     return launcher
 
 
+def shutdown() -> None:
+    """Tear the process groups down before the interpreter exits (also after an error): left to the interpreter's
+    exit, the gloo threads can be destroyed while a peer closes its sockets, and the process aborts ("terminate
+    called without an active exception") instead of returning its exit code."""
+    global _CONTROL_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTROL_GROUP = None
+
+
 def _remove_shm_buffer_name() -> None:
     """DeepSpeed's CPU all-reduce puts a ~69 MB buffer per rank in /dev/shm and never removes it, so every CPU run
     would leave its buffers behind (in memory) until a reboot. Once every rank has mapped its peers' buffers (done

@@ -147,14 +147,21 @@ def _now() -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while a process with this id exists on this host (also one owned by another user)."""
+    """True while a process with this id runs on this host (also one owned by another user).
+
+    A zombie is dead: a killed rank whose parent died with it stays one until something reaps it, forever in a
+    container whose first process does not reap orphans, and it must not keep holding the run folder's lock."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs (macOS): kill(0) is all we know
+    return state not in ("Z", "X")
 
 
 class RunLock:

@@ -256,3 +256,47 @@ def test_in_process_stream_leaves_the_callers_rngs_alone(sets):
     train_batches(sets[3], transform=bft_transform(16, MEAN, STD, **BFT), num_workers=0)
     assert torch.equal(torch.get_rng_state(), states[0])  # a resumed trainer's RNG stays on its trajectory
     assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+
+
+def damage(path, how: str) -> None:
+    """Damage one tar in place: cut it at the start of its 3rd sample (a member boundary: what remains is a valid,
+    shorter tar) or inside that sample's image, or overwrite it with zeros / random bytes, or empty it."""
+    import os
+    import random
+    import tarfile
+
+    size = path.stat().st_size
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    third = sorted({m.name.split(".")[0] for m in members})[2]
+    if how == "cut_at_sample":
+        os.truncate(path, min(m.offset for m in members if m.name.startswith(third + ".")))
+    elif how == "cut_in_image":
+        image = next(m for m in members if m.name == f"{third}.png")
+        os.truncate(path, image.offset_data + 10)
+    else:
+        path.write_bytes({"zeros": bytes(size), "garbage": random.Random(0).randbytes(size), "empty": b""}[how])
+
+
+@pytest.mark.parametrize(("how", "kept", "corrupt"), [("cut_at_sample", 2, 0), ("cut_in_image", 2, 1),
+                                                      ("zeros", 0, 0), ("garbage", 0, 0), ("empty", 0, 0)])
+def test_damaged_shard_counts_one_skipped_shard_per_read_and_keeps_its_good_samples(tmp_path, how, kept, corrupt):
+    """Every read of a shard that ends before the samples meta.json lists counts once as a skipped shard (and once
+    as a skipped sample), whether the tar raises or just ends early; a sample cut in half counts as corrupt too.
+    The samples before the damage are used."""
+    from livt_ds.data.pipeline import skipped_shards
+
+    shard_dir = make_shard_set(tmp_path / "s", 12, 4)
+    keys = all_keys(shard_dir)
+    damage(shard_dir / "train-000001.tar", how)
+    samples, shards = skipped_samples(), skipped_shards()
+    seen = [k for *_, ks in eval_loader(shard_dir, split="train", transform=MGP, batch_size=4, num_workers=0, rank=0,
+                                         world_size=1, return_keys=True) for k in ks]  # every shard read once
+    assert seen == keys[:4 + kept] + keys[8:]
+    assert skipped_shards() - shards == 1
+    assert skipped_samples() - samples == 1 + corrupt
+
+    shards = skipped_shards()
+    batches = train_batches(shard_dir, world_size=1, num_batches=6)  # 24 draws from an endless tape of 3 shards
+    assert len(batches) == 6 and all(x.shape[0] == 4 for x, _ in batches)
+    assert skipped_shards() > shards

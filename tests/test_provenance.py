@@ -72,6 +72,20 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
     lock.release()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs procfs")
+def test_a_lock_held_by_a_zombie_is_taken_over(tmp_path):
+    """A rank killed with its parent stays a zombie until something reaps it (never, under a container's first
+    process that does not reap orphans): it holds nothing, its lock must not block the resume."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # it has exited; not reaped: a zombie now
+        (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": child.pid,
+                                                       "started": "x"}))
+        RunLock(tmp_path).acquire().release()
+    finally:
+        child.wait()
+
+
 def test_a_lock_of_another_host_is_stale_only_without_a_heartbeat(tmp_path):
     (tmp_path / "run.lock").write_text(json.dumps({"host": "node-b", "pid": 1, "started": "x", "command": ["p"]}))
     with pytest.raises(RunLockedError, match="pid 1 on node-b"):

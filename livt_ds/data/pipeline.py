@@ -32,7 +32,11 @@ worker may be partial).
 Counting skipped samples: :func:`skipped_samples` reads a shared-memory counter that DataLoader workers
 started from loaders of this process increment too (shared by fork/spawn/forkserver inheritance); a shard
 that cannot be opened counts as one. Workers also log a warning per skip (``logging``, this module's logger);
-each rank counts its own, so sum across ranks if you report a total.
+each rank counts its own, so sum across ranks if you report a total. A local shard read that ends before the
+number of samples meta.json lists (a file cut short, overwritten with other bytes, not a tar) counts once in
+:func:`skipped_shards` and once in :func:`skipped_samples` per read, like a shard given up (below), however
+it broke; the samples before the damage are used. A training stream reads each shard many times per epoch,
+so these counts are reads, not distinct files.
 
 Shard sets behind URLs (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see :mod:`livt_ds.data.remote`): a
 read that fails is retried (``remote``: :class:`RemoteOptions`) and continues at the byte where it stopped, so
@@ -71,7 +75,7 @@ logger = logging.getLogger(__name__)
 _TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
 _exit_hook = False  # _kill_workers_at_exit registered
 _counter = None  # multiprocessing.Value("q"): samples skipped in this process and its loader workers
-_shard_counter = None  # multiprocessing.Value("q"): shards given up (missing, or unreadable after the retries)
+_shard_counter = None  # multiprocessing.Value("q"): shard reads given up or cut short (see skipped_shards)
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -106,7 +110,8 @@ def settle_feeder_threads(timeout_s: float = 0.05) -> None:
 
 
 def skipped_shards() -> int:
-    """Shard reads given up so far (missing, or failing after the retries) by this process's loaders."""
+    """Shard reads given up so far by this process's loaders: missing, failing after the retries, or ending before
+    the samples meta.json lists (truncated or damaged)."""
     return 0 if _shard_counter is None else int(_shard_counter.value)
 
 
@@ -168,22 +173,61 @@ def _take_every(src: Iterable, start: int, step: int) -> Iterator:
 take_every = wds.pipelinefilter(_take_every)
 
 
+class ShardCutShort(ShardUnavailable):
+    """A shard read that ended before the last sample meta.json lists: a truncated, overwritten or damaged file.
+    (A tar cut at a member boundary, or zero-filled, reads as a shorter valid tar: only the count tells.)"""
+
+
+class _ShardRead:
+    """The handler of one shard read: tar-level errors are held back and reported once, with the read's outcome
+    (:func:`_read_units`); a shard given up by the reader (missing, unreadable) goes through at once."""
+
+    def __init__(self, handler: Callable):
+        self.handler, self.errors, self.gave_up = handler, [], False
+
+    def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, ShardUnavailable):
+            self.gave_up = True
+            return self.handler(exn)
+        self.errors.append(exn)
+        return True
+
+    def close(self, url: str, read: int, expected: int | None) -> None:
+        """Report the read: one :class:`ShardCutShort` if it ended early, else its held-back errors (if any)."""
+        if self.gave_up:
+            return
+        if expected is not None and read < expected:
+            cause = f" ({self.errors[0]!r})" if self.errors else ""
+            self.handler(ShardCutShort(f"{url}: the read ended after {read} of the {expected} samples that meta.json "
+                                       f"lists{cause}: the file is truncated or damaged; rebuild the shard set "
+                                       "(scripts/make_shards.py --verify finds such files)"))
+            return
+        for exn in self.errors:
+            self.handler(exn)
+
+
 def _read_units(
-    src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS
-) -> Iterator[dict]:
+    src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS,
+    sizes: dict[str, int] | None = None,
+) -> Iterator[dict]:  # fmt: skip
     """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
 
+    ``sizes``: samples per shard url (meta.json's ``shard_sizes``); a read that ends before them is reported to
+    ``handler`` once, as a :class:`ShardCutShort` (a skipped shard), whatever broke it.
     ``max_empty``: raise after that many units in a row gave no sample (an endless tape of broken shards
     would otherwise spin forever).
     """
     empty = 0
     for unit in src:
         url, part, parts = (unit, 0, 1) if isinstance(unit, str) else (unit["url"], unit["part"], unit["parts"])
-        n = 0
-        for i, sample in enumerate(read_tar_samples(url, handler=handler, remote=remote)):
+        n = read = 0
+        report = _ShardRead(handler)
+        for i, sample in enumerate(read_tar_samples(url, handler=report, remote=remote)):
+            read = i + 1
             if i % parts == part:
                 n += 1
                 yield sample
+        report.close(url, read, (sizes or {}).get(url))
         empty = 0 if n else empty + 1
         if max_empty is not None and empty >= max_empty:
             raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}); check the set with --verify")
@@ -304,6 +348,7 @@ class TrainStream(IterableDataset):
         transform: Callable,
         batch_size: int,
         seed: int,
+        shard_sizes: list[int] | None = None,
         epoch: int,
         rank: int,
         world_size: int,
@@ -316,6 +361,7 @@ class TrainStream(IterableDataset):
     ):
         super().__init__()
         self.urls, self.num_classes, self.transform = list(urls), num_classes, transform
+        self.sizes = dict(zip(self.urls, shard_sizes)) if shard_sizes is not None else None
         self.remote = remote
         self.shard_counter = shard_counter if shard_counter is not None else _shard_skip_counter()
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
@@ -343,7 +389,7 @@ class TrainStream(IterableDataset):
             functools.partial(shard_tape, self.urls, self.seed, self.epoch),
             take_every(self.rank, self.world_size),
             take_every(worker, num_workers),
-            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote),
+            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, sizes=self.sizes),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
             number(),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
@@ -408,7 +454,7 @@ class EvalStream(IterableDataset):
         handler = CountedSkip(self.counter, f"eval rank {self.rank} worker {worker}", self.shard_counter)
         pipeline = wds.DataPipeline(
             functools.partial(iter, self._worker_units(worker, num_workers)),
-            read_units(handler=handler, remote=self.remote),
+            read_units(handler=handler, remote=self.remote, sizes=dict(zip(self.urls, self.shard_sizes))),
             wds.map(functools.partial(_decode_eval, num_classes=self.num_classes), handler=handler),
             wds.map(_EvalTransform(self.transform)),  # transform errors are bugs: they propagate
             wds.batched(self.batch_size, collation_fn=_collate_eval, partial=True),
@@ -511,8 +557,9 @@ def train_loader(
     meta = load_meta(shard_dir, remote)
     stream = TrainStream(
         shard_paths(shard_dir, split, remote), num_classes=meta["num_classes"], transform=transform,
-        batch_size=batch_size, seed=p.seed, epoch=p.epoch, rank=p.rank, world_size=p.world,
-        num_batches=p.batches, skip_batches=p.skip, shuffle_buffer=max(1, shuffle_buffer), remote=remote,
+        batch_size=batch_size, seed=p.seed, shard_sizes=meta["splits"][split].get("shard_sizes"), epoch=p.epoch,
+        rank=p.rank, world_size=p.world, num_batches=p.batches, skip_batches=p.skip,
+        shuffle_buffer=max(1, shuffle_buffer), remote=remote,
     )  # fmt: skip
     return _loader(stream, p.workers, pin_memory)
 

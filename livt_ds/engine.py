@@ -124,6 +124,7 @@ class Trainer:
         self.dtype = torch.float32
         self.log: Logger | None = None
         self.window: LossWindow | None = None
+        self.skipped_before: dict[str, int] = {}  # skipped samples / shards of the launches before this one
         self.stop_requested = False
 
     # ----------------------------------------------------------------------------------------- the run
@@ -264,6 +265,7 @@ class Trainer:
     def _restore(self) -> None:
         self.state = self.checkpoints.restore(self.engine, self.plan, self.stage)
         self.start_step = self.state.step
+        self.skipped_before = dict(self.state.skipped)
         self.schedule_change = self._schedule_change(self.state.step)
 
     def _resume_messages(self) -> list[str]:
@@ -339,10 +341,15 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             values["grad_norm"] = float(norm)
-        counts = dist.gather_objects((skipped_samples(), skipped_shards()))  # since each rank's process started
-        values["data/skipped_samples"] = sum(c[0] for c in counts)
-        values["data/skipped_shards"] = sum(c[1] for c in counts)
+        values.update({f"data/skipped_{k}": v for k, v in self._skipped().items()})
         self.log.scalars(step, values)
+
+    def _skipped(self) -> dict[str, int]:
+        """Corrupt samples and unreadable shard reads skipped by all ranks since the run began (a collective): the
+        totals saved with the resumed checkpoint plus what this launch's loaders counted."""
+        counts = dist.gather_objects((skipped_samples(), skipped_shards()))  # since each rank's process started
+        now = {"samples": sum(c[0] for c in counts), "shards": sum(c[1] for c in counts)}
+        return {k: self.skipped_before.get(k, 0) + v for k, v in now.items()}
 
     def _maybe_evaluate(self) -> bool:
         """Evaluate at the end of every ``eval.every``-th epoch and of the last one."""
@@ -371,5 +378,6 @@ class Trainer:
         self._check_finite()  # never a checkpoint of non-finite weights
         self._status("save")
         self.state.stream = self._position(self.state.step).without_rank()
+        self.state.skipped = self._skipped()
         self.checkpoints.save(self.engine, self.state, recipe_to_dict(self.recipe))
         self._status("train")

@@ -9,7 +9,6 @@ config enables bf16.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,6 +25,7 @@ from livt_ds.data.shards import load_meta
 from livt_ds.report import save_images
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task
+from livt_ds.train_state import write_json_atomic
 from livt_ds.weights import weights_provenance
 
 
@@ -48,9 +48,9 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
     if not dist.is_main():
         return
     output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.json").write_text(json.dumps(record, indent=2))
+    write_json_atomic(output / "metrics.json", record)  # a reader (or livt export) never sees half a file
     if best:
-        (output / "best_metrics.json").write_text(json.dumps(record, indent=2))
+        write_json_atomic(output / "best_metrics.json", record)
     save_images(result.images, output / "plots", step)
 
 

@@ -33,7 +33,7 @@ def test_schedule_lr_is_warmup_then_cosine_to_min_lr():
 
 def test_train_state_round_trips_and_refuses_a_newer_version():
     state = TrainState("finetune", step=12, best=Best("top1", 55.5, 10, step_tag(10)), last_saved=12,
-                       stream={"epoch": 2, "skip": 6})
+                       stream={"epoch": 2, "skip": 6}, skipped={"samples": 3, "shards": 1})
     again = TrainState.from_dict(json.loads(json.dumps(state.to_dict())), "x")
     assert again == state
     with pytest.raises(StateError, match="version 99 is newer"):

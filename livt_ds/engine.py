@@ -96,7 +96,7 @@ class Trainer:
     """One launch of a stage in a run folder: set up, resume, train, evaluate, checkpoint; the folder's lock is held
     throughout. Every attribute exists once ``__init__`` returns; `run` fills in the engine and the state."""
 
-    def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, resume: str = "auto",
+    def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, *, resume: str,
                  allow_recipe_change: bool = False):
         if not recipe.data.path:
             raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")

@@ -73,6 +73,7 @@ from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta
 logger = logging.getLogger(__name__)
 
 _TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
+SHUFFLE_BUFFER = 1000  # raw (undecoded) training samples held per loader worker for shuffling
 _exit_hook = False  # _kill_workers_at_exit registered
 _counter = None  # multiprocessing.Value("q"): samples skipped in this process and its loader workers
 _shard_counter = None  # multiprocessing.Value("q"): shard reads given up or cut short (see skipped_shards)
@@ -354,7 +355,7 @@ class TrainStream(IterableDataset):
         world_size: int,
         num_batches: int,
         skip_batches: int = 0,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
         counter=None,
         remote: RemoteOptions = DEFAULT_OPTIONS,
         shard_counter=None,
@@ -542,7 +543,7 @@ def train_loader(
     split: str = "train",
     transform: Callable,
     batch_size: int,
-    shuffle_buffer: int = 1000,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
     pin_memory: bool = False,
     remote: RemoteOptions = DEFAULT_OPTIONS,
 ) -> DataLoader:

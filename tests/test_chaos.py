@@ -16,13 +16,12 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, launcher_env, read_jsonl, run_livt, train_losses
+from conftest import REPO, launch_command, launcher_env, read_jsonl, run_livt, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +54,12 @@ def last_records(run: Path, key: str) -> dict[int, dict]:
 
 
 class Launch:
-    """One ``livt finetune`` under the deepspeed launcher, in a session of its own so that the launcher, the ranks
-    and their DataLoader workers can be killed together, as a crashing node or the OOM killer would."""
+    """One ``livt finetune`` on 2 ranks (torchrun: the cheapest launcher), in a session of its own so that the
+    launcher, the ranks and their DataLoader workers can be killed together, as a crashing node or the OOM killer
+    would."""
 
     def __init__(self, run: Path, shards: Path, log: Path, recipe: list[str] = RECIPE):
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               "--module", "livt_ds", "finetune", *recipe, "--output", str(run), f"data.path={shards}",
-               "--resume", "auto"]
+        cmd = [*launch_command(2), "finetune", *recipe, "--output", str(run), f"data.path={shards}", "--resume", "auto"]
         self.run, self.log = run, log
         self.started = time.time()
         with open(log, "w") as sink:  # a file, not a pipe: nobody reads while we wait, a full pipe would block

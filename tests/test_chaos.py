@@ -54,12 +54,13 @@ def last_records(run: Path, key: str) -> dict[int, dict]:
 
 
 class Launch:
-    """One ``livt finetune`` on 2 ranks (torchrun: the cheapest launcher), in a session of its own so that the
-    launcher, the ranks and their DataLoader workers can be killed together, as a crashing node or the OOM killer
-    would."""
+    """One ``livt finetune`` under the deepspeed launcher, in a session of its own so that the launcher, the ranks
+    and their DataLoader workers can be killed together, as a crashing node or the OOM killer would. (Not torchrun:
+    it starts each rank in a session of its own, so a kill of its group leaves the ranks running.)"""
 
     def __init__(self, run: Path, shards: Path, log: Path, recipe: list[str] = RECIPE):
-        cmd = [*launch_command(2), "finetune", *recipe, "--output", str(run), f"data.path={shards}", "--resume", "auto"]
+        cmd = [*launch_command(2, "deepspeed"), "finetune", *recipe, "--output", str(run), f"data.path={shards}",
+               "--resume", "auto"]
         self.run, self.log = run, log
         self.started = time.time()
         with open(log, "w") as sink:  # a file, not a pipe: nobody reads while we wait, a full pipe would block
@@ -164,13 +165,13 @@ def reference(toy_shards, tmp_path_factory) -> Path:
 
 def kill_at(launch: Launch, kind: str, step: int, rng: random.Random, lines_before: int) -> dict | None:
     """Kill ``launch`` inside its first save / evaluation at or after ``step`` (kind "save" / "eval"), or at a
-    random moment (up to 0.5 s) after it logged ``step`` (kind "any"); say what the kill hit. None when the launch
+    random moment (up to 50 ms) after it logged ``step`` (kind "any"); say what the kill hit. None when the launch
     ended before the moment came."""
     if kind == "any":
         target = None
         if not launch.wait(lambda: any(s >= step for s in appended_steps(launch.run, lines_before))):
             return None
-        delay = rng.uniform(0.0, 0.5)
+        delay = rng.uniform(0.0, 0.05)  # a step takes ~0.1 s on 2 quiet cores: the run must not end first
     else:
         target = launch.wait(lambda: (s := launch.status()) and s["phase"] == kind and s["step"] >= step and s)
         if target is None:
@@ -178,7 +179,7 @@ def kill_at(launch: Launch, kind: str, step: int, rng: random.Random, lines_befo
         tag_dir = launch.run / "checkpoints" / f"step{target['step']:08d}"
         if kind == "save":  # inside the writing: once the tag folder exists (or the save has ended)
             launch.wait(lambda: tag_dir.is_dir() or launch.status() != target)
-        delay = rng.uniform(0.0, 0.01 if kind == "save" else 0.15)  # saves take ~0.1 s, evaluations ~0.2-3 s
+        delay = rng.uniform(0.0, 0.01 if kind == "save" else 0.05)  # saves take ~0.1 s, evaluations ~0.1-3 s
     time.sleep(delay)
     if launch.proc.poll() is not None:
         return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import os
 import re
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ import torch
 from livt_ds import dist
 from livt_ds.config import CheckpointConfig
 from livt_ds.seeding import rng_state, set_rng_state
-from livt_ds.train_state import StateError, TrainState, write_json_atomic
+from livt_ds.train_state import StateError, TrainState, write_json_atomic, write_text_atomic
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
@@ -57,13 +56,6 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{latest} names '{tag}', but {ckpt_dir / tag} is missing")
     return tag
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A reader (or a process killed at any moment) sees the old or the new content, never a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def saved_world_size(tag_dir: Path) -> int:

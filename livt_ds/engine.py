@@ -124,6 +124,7 @@ class Trainer:
         self.dtype = torch.float32
         self.log: Logger | None = None
         self.window: LossWindow | None = None
+        self.finite_through = -1  # the losses of every step up to this one were checked finite on all ranks
         self.skipped_before: dict[str, int] = {}  # skipped samples / shards of the launches before this one
         self.stop_requested = False
 
@@ -323,6 +324,9 @@ class Trainer:
         self.stop_requested = True
 
     def _check_finite(self) -> None:
+        """Stop on a non-finite loss (a collective and a host sync: once per step at most, at log / eval / save)."""
+        if self.finite_through == self.state.step:
+            return
         bad = self.window.first_nonfinite_step()
         if bad is not None:
             saved = self.state.last_saved
@@ -330,6 +334,7 @@ class Trainer:
                 f"the loss became non-finite at optimizer step {bad} (stage {self.stage}); no checkpoint was written "
                 f"at or after it (latest: {saved if saved is not None else 'none'}). Lower train.blr, "
                 "check the data, or enable gradient_clipping in the DeepSpeed config.")
+        self.finite_through = self.state.step
 
     def _log_train(self) -> None:
         self._check_finite()

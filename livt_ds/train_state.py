@@ -32,12 +32,16 @@ class StateError(ValueError):
     """A saved training state this version cannot read."""
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON so that a reader (or a process killed at any moment) sees the old or the new file,
-    never a partial one: write a sibling temp file, then rename it over ``path``."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader (or a process killed at any moment) sees the old or the new file, never a
+    partial one: write a sibling temp file, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def write_status(run_dir: Path, phase: str, step: int) -> None:

@@ -63,8 +63,9 @@ from typing import Any
 
 import torch
 
-from livt_ds.config import ConfigError, ModelConfig, Recipe, base_lr, load_ds_config, load_recipe, resolve_ds_config
+from livt_ds.config import ModelConfig, Recipe, base_lr, load_ds_config, load_recipe, resolve_ds_config
 from livt_ds.data.synthetic import generate_shards
+from livt_ds.errors import ConfigError
 from livt_ds.models.flops import FORMULA, flops_per_image
 from livt_ds.models.registry import MODEL_SIZES
 from livt_ds.optim import apply_lr, param_groups

@@ -28,15 +28,12 @@ import torch
 
 from livt_ds import dist
 from livt_ds.config import CheckpointConfig
+from livt_ds.errors import CheckpointError, StateError
 from livt_ds.seeding import rng_state, set_rng_state
-from livt_ds.train_state import StateError, TrainState, write_json_atomic, write_text_atomic
+from livt_ds.train_state import TrainState, write_json_atomic, write_text_atomic
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the model."""
 
 
 # ------------------------------------------------------------------------------------------------ layout

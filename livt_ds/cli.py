@@ -96,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:  # key=value overrides placed after options
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    from livt_ds.checkpoint import CheckpointError
-    from livt_ds.config import ConfigError
-    from livt_ds.engine import NonFiniteLossError
-    from livt_ds.provenance import RunLockedError
+    from livt_ds.errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError
 
     try:
         return _dispatch(args)

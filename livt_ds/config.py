@@ -23,9 +23,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or DeepSpeed config that cannot be used as written."""
+from livt_ds.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -20,20 +20,17 @@ import yaml
 
 from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import CheckpointManager, ResumePlan
-from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
+from livt_ds.config import Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
 from livt_ds.data.pipeline import settle_feeder_threads, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
+from livt_ds.errors import ConfigError, NonFiniteLossError
 from livt_ds.evaluate import evaluate, save_evaluation
 from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.run_log import Logger
 from livt_ds.seeding import seed_everything
 from livt_ds.tasks import Task, build_task
 from livt_ds.train_state import Best, Schedule, TrainState, write_status
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the run stops without writing a checkpoint."""
 
 
 def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from livt_ds import dist
-from livt_ds.checkpoint import CheckpointError
-from livt_ds.config import ConfigError, Recipe, load_ds_config, save_recipe
+from livt_ds.config import Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
+from livt_ds.errors import CheckpointError, ConfigError
 from livt_ds.report import save_images
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task

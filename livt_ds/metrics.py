@@ -14,7 +14,7 @@ from torch import Tensor
 
 from livt_ds.data.longtail import SHOT_GROUPS, shot_groups
 
-__all__ = ["SHOT_GROUPS", "ECE_BINS", "shot_groups", "calibration", "classification_report", "prediction_report",
+__all__ = ["ECE_BINS", "calibration", "classification_report", "prediction_report",
            "per_class_accuracy", "EvalAccumulator"]
 
 ECE_BINS = 15  # equal-width confidence bins of ECE / MCE and the reliability diagram

@@ -24,9 +24,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from livt_ds.checkpoint import CheckpointError, latest_tag
+from livt_ds.checkpoint import latest_tag
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
+from livt_ds.errors import CheckpointError
 from livt_ds.hub import CONFIG_NAME, WEIGHTS_NAME, build_timm_model, hub_config, model_weights
 from livt_ds.priors import prior_adjustment, resolve_prior
 from livt_ds.weights import load_weights, run_export_config

@@ -23,16 +23,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from livt_ds.config import ConfigError
+from livt_ds.errors import ConfigError, RunLockedError
 
 # Keys whose change does not change what is trained: how often to evaluate, log and save, and where to stop.
 BOOKKEEPING_SECTIONS = ("eval.", "log.", "checkpoint.")
 BOOKKEEPING_KEYS = ("train.stop_after_steps",)
 PACKAGES = ("livt-ds", "torch", "deepspeed", "timm", "webdataset")
-
-
-class RunLockedError(RuntimeError):
-    """Another live process writes to this run folder."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

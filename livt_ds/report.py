@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from livt_ds.metrics import SHOT_GROUPS, shot_groups
+from livt_ds.data.longtail import SHOT_GROUPS, shot_groups
 
 __all__ = [
     "per_class_accuracy_figure",

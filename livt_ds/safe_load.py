@@ -20,13 +20,9 @@ from typing import Any
 
 import torch
 
-from livt_ds.checkpoint import CheckpointError
+from livt_ds.errors import UnsafeWeightsError
 
-__all__ = ["UnsafeWeightsError", "allowed_globals", "load_torch_file", "weights_only_loading"]
-
-
-class UnsafeWeightsError(CheckpointError):
-    """A weights file that would need arbitrary Python objects (and so could run code) to load."""
+__all__ = ["allowed_globals", "load_torch_file", "weights_only_loading"]
 
 
 def allowed_globals() -> list[Any]:

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from livt_ds import dist
-from livt_ds.checkpoint import CheckpointError
 from livt_ds.config import Recipe
 from livt_ds.console import held_output
 from livt_ds.data import transforms
 from livt_ds.data.pipeline import settle_feeder_threads
 from livt_ds.data.shards import train_class_counts
 from livt_ds.data.transforms import normalisation
+from livt_ds.errors import CheckpointError
 from livt_ds.losses import build_loss
 from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
 from livt_ds.models.registry import build_classifier, build_mae

@@ -20,16 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from livt_ds.config import ConfigError, Recipe
+from livt_ds.config import Recipe
 from livt_ds.data.pipeline import StreamPosition
+from livt_ds.errors import ConfigError, StateError
 from livt_ds.optim import lr_at
 
 STATE_VERSION = 1
 PHASES = ("setup", "train", "eval", "save", "finished", "stopped", "failed")
-
-
-class StateError(ValueError):
-    """A saved training state this version cannot read."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from livt_ds.checkpoint import (
-    CheckpointError,
     checkpoint_dir,
     find_checkpoint,
     latest_tag,
@@ -25,6 +24,7 @@ from livt_ds.checkpoint import (
     saved_recipe,
     to_universal,
 )
+from livt_ds.errors import CheckpointError
 
 
 def written_by_bf16_optimizer(tag_dir: Path) -> bool:

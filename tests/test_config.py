@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from livt_ds.config import (
-    ConfigError,
     Recipe,
     load_ds_config,
     load_recipe,
@@ -18,6 +17,7 @@ from livt_ds.config import (
     resolve_ds_config,
     save_recipe,
 )
+from livt_ds.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

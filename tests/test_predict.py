@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import BFT_ARGS, REPO, make_image_folder, read_jsonl, run_livt
 
-from livt_ds.safe_load import UnsafeWeightsError
+from livt_ds.errors import UnsafeWeightsError
 from livt_ds.weights import load_weights
 
 CLASSES = ["class0", "class1", "class2", "class3"]

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port, launcher_env, read_jsonl, run_livt
 
-from livt_ds.config import ConfigError, load_recipe, recipe_to_dict
-from livt_ds.provenance import History, RunLock, RunLockedError, check_resume_recipe, recipe_diff
+from livt_ds.config import load_recipe, recipe_to_dict
+from livt_ds.errors import ConfigError, RunLockedError
+from livt_ds.provenance import History, RunLock, check_resume_recipe, recipe_diff
 
 BFT = ["finetune", "--config", "configs/tiny_bft.yaml", "--ds-config", "ds_configs/cpu_fp32.json"]
 

@@ -20,9 +20,10 @@ from httpserver import serve
 from livt_ds.data.cache import cache_name, fetch
 from livt_ds.data.make_shards import main as make_shards
 from livt_ds.data.pipeline import eval_loader, skipped_shards, train_loader
-from livt_ds.data.remote import RemoteOptions, ShardMissing, ShardUnavailable, open_url
+from livt_ds.data.remote import RemoteOptions, open_url
 from livt_ds.data.shards import load_meta, shard_paths
 from livt_ds.data.transforms import mgp_transform
+from livt_ds.errors import ShardMissing, ShardUnavailable
 
 MGP = mgp_transform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 FAST = RemoteOptions(retries=3, backoff_s=0.01, timeout_s=10)
@@ -81,7 +82,8 @@ def test_errors_are_bounded_and_404_is_not_retried(tmp_path):
 
 
 def test_recipe_options_are_checked():
-    from livt_ds.config import ConfigError, DataConfig
+    from livt_ds.config import DataConfig
+    from livt_ds.errors import ConfigError
 
     options = RemoteOptions.from_config(DataConfig(retries=2, cache_dir="/c", cache_max_gb=0.5))
     assert (options.retries, options.cache_dir, options.cache_max_bytes) == (2, "/c", 500_000_000)

@@ -170,7 +170,8 @@ def test_bft_crop_scale_reaches_random_resized_crop():
 
 
 def test_recipe_crop_scale_is_checked():
-    from livt_ds.config import ConfigError, load_recipe
+    from livt_ds.config import load_recipe
+    from livt_ds.errors import ConfigError
 
     assert load_recipe(None).augment.crop_scale == [0.08, 1.0]
     assert load_recipe(None, ["augment.crop_scale=[0.35, 1]"]).augment.crop_scale == [0.35, 1.0]

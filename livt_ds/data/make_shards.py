@@ -41,14 +41,14 @@ from livt_ds.data.longtail import imbalance_ratio, longtail_subsample
 from livt_ds.data.remote import is_url
 from livt_ds.data.shards import (
     FORMAT_VERSION,
-    ShardSetError,
     ShardSetWriter,
     check_output,
     parse_shard_size,
     upload_shard_set,
     verify_shards,
 )
-from livt_ds.data.sources import SOURCE_KINDS, Record, Source, SourceError, load_record_bytes, open_source
+from livt_ds.data.sources import SOURCE_KINDS, Record, Source, load_record_bytes, open_source
+from livt_ds.errors import ShardSetError, SourceError
 
 STATS_SIDE = 128  # mean/std are measured on images box-reduced to about this longer side
 MISSING_SHOWN = 5

@@ -67,8 +67,9 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions, ShardUnavailable
+from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions
 from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta, read_tar_samples, shard_paths
+from livt_ds.errors import ShardUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -34,21 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from livt_ds.config import ConfigError, DataConfig
+from livt_ds.config import DataConfig
+from livt_ds.errors import ConfigError, ShardMissing, ShardUnavailable
 
 logger = logging.getLogger(__name__)
 
 BUFFER_BYTES = 1 << 20
 MAX_WAIT_S = 60.0
 _jitter = random.SystemRandom()  # never the global RNG: the training stream's seeds must not move
-
-
-class ShardUnavailable(OSError):
-    """A file of a shard set could not be read, after the retries where retrying makes sense."""
-
-
-class ShardMissing(ShardUnavailable, FileNotFoundError):
-    """A file of a shard set does not exist (HTTP 404/410, no such object or file)."""
 
 
 _DATA = DataConfig()

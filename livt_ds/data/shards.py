@@ -26,12 +26,9 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from livt_ds.config import ConfigError
 from livt_ds.data.remote import (
     DEFAULT_OPTIONS,
     RemoteOptions,
-    ShardMissing,
-    ShardUnavailable,
     is_url,
     join,
     list_remote,
@@ -42,6 +39,7 @@ from livt_ds.data.remote import (
     remove_remote,
     upload_file,
 )
+from livt_ds.errors import ConfigError, ShardMissing, ShardSetError, ShardUnavailable
 from livt_ds.provenance import pid_alive
 
 FORMAT_VERSION = 1
@@ -49,10 +47,6 @@ META_NAME = "meta.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 META_KEYS = ("format_version", "name", "num_classes", "classes", "class_counts", "splits", "mean", "std")
 _MAKE_HINT = "run scripts/make_shards.py --source {{imagefolder,list,inat,cifar,demo}} --input PATH --output {dir}"
-
-
-class ShardSetError(RuntimeError):
-    """A shard set folder is missing, incomplete or belongs to another data set; the message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------- reading

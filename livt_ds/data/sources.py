@@ -28,13 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from livt_ds.errors import SourceError
+
 SOURCE_KINDS = ("imagefolder", "list", "inat", "cifar", "demo")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = ("train", "val")
-
-
-class SourceError(ValueError):
-    """The raw data cannot be read as asked; the message says where and what to do."""
 
 
 @dataclass(frozen=True, eq=False)

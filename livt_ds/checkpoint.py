@@ -29,6 +29,7 @@ import torch
 from livt_ds import dist
 from livt_ds.config import CheckpointConfig
 from livt_ds.errors import CheckpointError, StateError
+from livt_ds.safe_load import load_torch_file
 from livt_ds.seeding import rng_state, set_rng_state
 from livt_ds.train_state import TrainState, write_json_atomic, write_text_atomic
 
@@ -233,8 +234,6 @@ def model_states(tag_dir: Path) -> dict[str, Any]:
     files = sorted(glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")))
     if not files:
         raise CheckpointError(f"{tag_dir}: no *model_states.pt; not a livt/DeepSpeed checkpoint")
-    from livt_ds.safe_load import load_torch_file
-
     return load_torch_file(files[0])
 
 

@@ -8,6 +8,16 @@ import os
 import sys
 from pathlib import Path
 
+from livt_ds import dist
+from livt_ds.config import load_recipe
+from livt_ds.data.make_shards import main as shard_main
+from livt_ds.engine import Trainer
+from livt_ds.errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError
+from livt_ds.evaluate import run_eval
+from livt_ds.predict import default_workers, run_predict
+from livt_ds.report import prior_table_text
+from livt_ds.weights import export
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -86,8 +96,6 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["shard"]:
-        from livt_ds.data.make_shards import main as shard_main
-
         return shard_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -96,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:  # key=value overrides placed after options
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    from livt_ds.errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError
-
     try:
         return _dispatch(args)
     except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError, ValueError) as exc:
@@ -110,23 +116,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
-        from livt_ds.weights import export
-
         for path in export(args.run, args.output, args.tag):
             print(f"wrote {path}")
         return 0
     if args.command == "predict":
-        from livt_ds.predict import default_workers, run_predict
-
         workers = default_workers() if args.workers is None else args.workers
         done = run_predict(args.model, args.input, args.output, top_k=args.top_k, test_prior=args.test_prior,
                            batch_size=args.batch_size, num_workers=workers, split=args.split,
                            progress=not args.no_progress)
         print(f"wrote {done['images']} predictions and {done['errors']} unreadable-image lines to {done['output']}")
         return 0
-    from livt_ds import dist
-    from livt_ds.config import load_recipe
-
     recipe = load_recipe(args.config, args.overrides)  # fail on a bad recipe before any process group starts
     dist.init_distributed()
     try:
@@ -136,16 +135,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run_distributed(args: argparse.Namespace, recipe) -> int:
-    from livt_ds import dist
-
     ds_config = args.ds_config or default_ds_config()
     if args.command == "eval":
-        from livt_ds.evaluate import run_eval
-
         metrics = run_eval(recipe, ds_config, args.output)
         if dist.is_main():
-            from livt_ds.report import prior_table_text
-
             shown = {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece", "mce", "num_samples")}
             print(json.dumps(shown))
             loss = metrics["test_prior_loss"]
@@ -153,8 +146,6 @@ def _run_distributed(args: argparse.Namespace, recipe) -> int:
                   f"tau {loss['tau']}):")
             print(prior_table_text(metrics["test_priors"]))
         return 0
-    from livt_ds.engine import Trainer
-
     stage = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
     Trainer(stage, recipe, ds_config, args.output, resume=args.resume,
             allow_recipe_change=args.allow_recipe_change).run()

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,3 +196,22 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(values, group=_CONTROL_GROUP)
     return values
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def pid_alive(pid: int) -> bool:
+    """True while a process with this id runs on this host (also one owned by another user).
+
+    A zombie is dead: a killed rank whose parent died with it stays one until something reaps it, forever in a
+    container whose first process does not reap orphans, and it must not keep holding the run folder's lock."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs (macOS): kill(0) is all we know
+    return state not in ("Z", "X")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from livt_ds import dist
 from livt_ds.data.longtail import SHOT_GROUPS, shot_groups
 
 __all__ = ["ECE_BINS", "calibration", "classification_report", "prediction_report",
@@ -171,8 +172,6 @@ class EvalAccumulator:
 
     def gather(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(pred [N], confidence [N], labels [N], adjusted hits [P, C]) over all ranks, on every rank."""
-        from livt_ds import dist
-
         def local(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
             return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 

@@ -25,11 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from livt_ds.checkpoint import latest_tag
+from livt_ds.config import recipe_from_dict
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
 from livt_ds.errors import CheckpointError
 from livt_ds.hub import CONFIG_NAME, WEIGHTS_NAME, build_timm_model, hub_config, model_weights
 from livt_ds.priors import prior_adjustment, resolve_prior
+from livt_ds.safe_load import load_torch_file
 from livt_ds.weights import load_weights, run_export_config
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -65,9 +67,6 @@ def load_config_and_weights(spec: str | Path) -> tuple[dict[str, Any], dict[str,
             raise CheckpointError(f"--model {path}: no {CONFIG_NAME} beside it; export with `livt export RUN`")
         return json.loads((path.parent / CONFIG_NAME).read_text()), load_weights(path)
     if path.is_file():
-        from livt_ds.config import recipe_from_dict
-        from livt_ds.safe_load import load_torch_file
-
         payload = load_torch_file(path)
         if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
             raise CheckpointError(f"--model {path}: not a livt export with class names; use the export folder "

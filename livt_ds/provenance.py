@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from livt_ds.dist import pid_alive
 from livt_ds.errors import ConfigError, RunLockedError
 
 # Keys whose change does not change what is trained: how often to evaluate, log and save, and where to stop.
@@ -142,22 +143,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def pid_alive(pid: int) -> bool:
-    """True while a process with this id runs on this host (also one owned by another user).
-
-    A zombie is dead: a killed rank whose parent died with it stays one until something reaps it, forever in a
-    container whose first process does not reap orphans, and it must not keep holding the run folder's lock."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no procfs (macOS): kill(0) is all we know
-    return state not in ("Z", "X")
 
 
 class RunLock:

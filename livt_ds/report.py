@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from livt_ds.data.longtail import SHOT_GROUPS, shot_groups
+from livt_ds.priors import standard_prior_names
 
 __all__ = [
     "per_class_accuracy_figure",
@@ -415,8 +416,6 @@ def prior_shift_figure(table: Mapping[str, Mapping[str, float | None]], title: s
     """Expected top-1 (percent) vs test prior, backward-50 ... uniform ... forward-50, raw and prior-adjusted,
     from ``metrics["test_priors"]`` (``{prior: {"raw", "adjusted"}}``; priors outside the standard set are not
     drawn)."""
-    from livt_ds.priors import standard_prior_names
-
     names = [n for n in standard_prior_names() if n in table]
     if not names:
         raise ValueError(f"test prior plot: none of the standard priors in the table (it has {sorted(table)[:5]})")

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from livt_ds import dist
+from livt_ds import dist, report
 from livt_ds.config import Recipe
 from livt_ds.console import held_output
 from livt_ds.data import transforms
@@ -132,8 +132,6 @@ class PretrainTask:
             pred = pred * (var + 1e-6).sqrt() + mean
         pred_images = mae.unpatchify(pred)
         mask_images = mae.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
-        from livt_ds import report
-
         scale = max(1, 128 // images.shape[-1])  # nearest-neighbour x4 for 32 px: tiles people can see
         return report.reconstruction_grid(images, pred_images, mask_images, self.mean, self.std, scale=scale)
 
@@ -218,8 +216,6 @@ class FinetuneTask:
         metrics["test_prior_loss"] = {"name": self.recipe.loss.name, "tau": self.recipe.loss.tau}
         images = {}
         if dist.is_main():
-            from livt_ds import report
-
             images["per_class_accuracy"] = report.per_class_image({"model": metrics["per_class"]}, self.class_counts)
             images["reliability"] = report.reliability_image({"model": {**metrics["reliability"],
                                                                          "ece": metrics["ece"]}})

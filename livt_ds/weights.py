@@ -24,7 +24,13 @@ from livt_ds.checkpoint import (
     saved_recipe,
     to_universal,
 )
+from livt_ds.config import recipe_from_dict
+from livt_ds.data.shards import load_meta, train_class_counts
+from livt_ds.data.transforms import normalisation
 from livt_ds.errors import CheckpointError
+from livt_ds.hub import hub_config, model_weights, write_export
+from livt_ds.provenance import model_provenance
+from livt_ds.safe_load import load_torch_file, weights_only_loading
 
 
 def written_by_bf16_optimizer(tag_dir: Path) -> bool:
@@ -92,8 +98,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from an export file (.safetensors, or .pt read with ``weights_only=True``), an export folder, a run
     folder (its export, else its latest checkpoint), a checkpoint folder with ``latest``, or a tag folder.
     Nothing is unpickled beyond tensors, plain data and the allow-list of ``livt_ds.safe_load``."""
-    from livt_ds.safe_load import load_torch_file, weights_only_loading
-
     path = Path(path)
     if path.is_file():
         if path.suffix == ".safetensors":
@@ -117,8 +121,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def weights_provenance(path: str | Path) -> dict[str, Any]:
     """Where the weights behind ``path`` (as ``load_weights`` resolves it) were trained: run folder, checkpoint
     tag and the sha256 of the recipe they were trained with, so a metrics.json can be traced to its weights."""
-    from livt_ds.provenance import model_provenance
-
     path = Path(path)
     folders = [path.parent] if path.is_file() else [path / "export", path]
     for folder in folders:
@@ -139,11 +141,6 @@ def weights_provenance(path: str | Path) -> dict[str, Any]:
 
 def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
     """timm hub config.json of a run: model from its recipe, class names and counts from its shard set."""
-    from livt_ds.config import recipe_from_dict
-    from livt_ds.data.shards import load_meta, train_class_counts
-    from livt_ds.data.transforms import normalisation
-    from livt_ds.hub import hub_config
-
     run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir}: no config.yaml; not a livt run folder")
@@ -162,10 +159,6 @@ def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
 def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
     """Write ``model.safetensors`` + ``config.json`` (timm's hub layout: the classifier, or the encoder of an MGP
     run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights."""
-    from livt_ds.hub import model_weights, write_export
-    from livt_ds.provenance import model_provenance
-    from livt_ds.safe_load import weights_only_loading
-
     run_dir = Path(run_dir)
     output = Path(output) if output else run_dir / "export"
     ckpt_dir = checkpoint_dir(run_dir)

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-from livt_ds.data.remote import BUFFER_BYTES, RemoteOptions, ResumableStream
+from livt_ds.data.remote import BUFFER_BYTES, RemoteOptions, ResumableStream, is_url, open_url
 
 STALE_TMP_S = 6 * 3600  # a temporary file this old belongs to a dead download
 
@@ -51,6 +51,14 @@ def fetch(url: str, options: RemoteOptions) -> Path:
         tmp.unlink(missing_ok=True)
     evict(folder, options.cache_max_bytes, keep=path)
     return path
+
+
+def open_shard(location: str | Path, options: RemoteOptions) -> BinaryIO:
+    """A reader of one shard: the cached copy of a remote one when ``options.cache_dir`` is set, else the location
+    itself (:func:`~livt_ds.data.remote.open_url`)."""
+    if options.cache_dir and is_url(location):
+        return open_cached(str(location), options)
+    return open_url(location, options)
 
 
 def open_cached(url: str, options: RemoteOptions) -> BinaryIO:

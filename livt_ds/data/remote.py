@@ -1,4 +1,4 @@
-"""Shard sets behind URLs: one opener for ``meta.json`` and the shards, with retries, resume and an optional cache.
+"""Shard sets behind URLs: one opener for ``meta.json`` and the shards, with retries and resume.
 
 A shard set location (``data.path``, ``--verify``, any ``shard_dir`` argument) is one of
 
@@ -20,7 +20,6 @@ object) raises :class:`ShardMissing` at once, as do other HTTP 4xx answers (:cla
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import io
 import logging
@@ -253,25 +252,20 @@ class ResumableStream(io.RawIOBase):
 def open_url(location: str | Path, options: RemoteOptions = DEFAULT_OPTIONS) -> BinaryIO:
     """A buffered binary reader of a local path or URL; remote ones resume and retry (see the module docstring).
 
-    With ``options.cache_dir`` a remote file is first copied into the cache (see :mod:`livt_ds.data.cache`)
-    and read from there. Raises :class:`ShardMissing` / :class:`ShardUnavailable`.
+    Reads the location itself, never the local cache (``options.cache_dir``; :func:`livt_ds.data.cache.open_shard`
+    reads through it). Raises :class:`ShardMissing` / :class:`ShardUnavailable`.
     """
     if not is_url(location):
         try:
             return open(local_path(location), "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:
             raise ShardMissing(f"{local_path(location)}: missing") from None
-    url = str(location)
-    if options.cache_dir:
-        from livt_ds.data.cache import open_cached
-
-        return open_cached(url, options)
-    return io.BufferedReader(ResumableStream(url, options), buffer_size=BUFFER_BYTES)
+    return io.BufferedReader(ResumableStream(str(location), options), buffer_size=BUFFER_BYTES)
 
 
 def read_bytes(location: str | Path, options: RemoteOptions = DEFAULT_OPTIONS) -> bytes:
     """The whole content of a local path or URL (e.g. meta.json), read through :func:`open_url`."""
-    with open_url(location, dataclasses.replace(options, cache_dir="")) as f:  # small files: never cached
+    with open_url(location, options) as f:
         return f.read()
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from livt_ds.data.cache import open_shard
 from livt_ds.data.remote import (
     DEFAULT_OPTIONS,
     RemoteOptions,
@@ -33,14 +34,13 @@ from livt_ds.data.remote import (
     join,
     list_remote,
     local_path,
-    open_url,
     read_bytes,
     remote_exists,
     remove_remote,
     upload_file,
 )
+from livt_ds.dist import pid_alive
 from livt_ds.errors import ConfigError, ShardMissing, ShardSetError, ShardUnavailable
-from livt_ds.provenance import pid_alive
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -133,12 +133,12 @@ def read_tar_samples(
 ) -> Iterator[dict]:
     """Raw samples (``{"__key__", "jpg", "cls", ...}`` with undecoded bytes) of one tar file, in order.
 
-    ``url``: a local path or URL, opened by :func:`remote.open_url` (remote reads resume after dropped connections).
+    ``url``: a local path or URL, opened by :func:`cache.open_shard` (remote reads resume after dropped connections).
     A shard that cannot be opened, or whose read fails after the retries, goes to ``handler`` once as a
     :class:`ShardUnavailable` (the samples already yielded stay yielded); a bad member goes to it as itself.
     """
     try:
-        stream = open_url(url, remote)
+        stream = open_shard(url, remote)
     except ShardUnavailable as exn:
         handler(exn)  # counted, or raised
         return

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from livt_ds.data import demo
 from livt_ds.errors import SourceError
 
 SOURCE_KINDS = ("imagefolder", "list", "inat", "cifar", "demo")
@@ -320,8 +321,6 @@ def _cifar_records(path: Path, label_key: bytes, num_classes: int) -> list[Recor
 # ---------------------------------------------------------------------------------------------- demo
 def read_demo(seed: int) -> Source:
     """The built-in generated long-tailed set (:mod:`livt_ds.data.demo`)."""
-    from livt_ds.data import demo  # imported lazily: only this source needs it
-
     classes = list(demo.DEMO_CLASSES)
     splits = {}
     for split in SPLITS:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from livt_ds.data.make_shards import main as make_shards
+
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """An RGB image of ``width`` x ``height`` with photo-like spectra, drawn from ``rng``."""
@@ -71,8 +73,6 @@ def write_image_folder(root: Path, images: int, *, size: tuple[int, int], classe
 def generate_shards(output: Path, *, images: int, size: tuple[int, int], classes: int, workers: int) -> Path:
     """Write ``images`` JPEGs of ``size`` = (W, H) as an image folder under ``output/raw`` and shard it to
     ``output/shards`` with make_shards (about ``2 * workers`` train shards); returns the shard set folder."""
-    from livt_ds.data.make_shards import main as make_shards
-
     raw, shards = output / "raw", output / "shards"
     workers = max(1, workers)
     write_image_folder(raw, images, size=size, classes=classes, workers=workers)

@@ -1,4 +1,4 @@
-"""`livt {shard,pretrain,finetune,eval,export,predict}` (also `python -m livt_ds ...`, under the deepspeed launcher)."""
+"""`livt {shard,pretrain,finetune,eval,export,predict,recipes}` (also `python -m livt_ds ...`, under deepspeed)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-from livt_ds import dist
+import torch
+
+from livt_ds import dist, recipes
 from livt_ds.config import load_recipe
 from livt_ds.data.make_shards import main as shard_main
 from livt_ds.engine import Trainer
@@ -18,22 +19,21 @@ from livt_ds.predict import default_workers, run_predict
 from livt_ds.report import prior_table_text
 from livt_ds.weights import export
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
 
 def default_ds_config() -> str:
-    import torch
-
-    name = "zero2_bf16.json" if torch.cuda.is_available() else "cpu_fp32.json"
-    return str(REPO_ROOT / "ds_configs" / name)
+    """The shipped DeepSpeed config for this machine: bf16 ZeRO-2 on a GPU, fp32 on CPU."""
+    return "zero2_bf16.json" if torch.cuda.is_available() else "cpu_fp32.json"
 
 
 def _run_args(parser: argparse.ArgumentParser, training: bool) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="YAML recipe: a path, or the name of a shipped one (tiny_bft.yaml; see `livt recipes`)")
     parser.add_argument("--ds-config", default=None,
-                        help="DeepSpeed JSON (ds_configs/*.json); default zero2_bf16 on GPU, cpu_fp32 on CPU")
+                        help="DeepSpeed JSON: a path or a shipped name (cpu_fp32.json); default zero2_bf16.json on "
+                             "GPU, cpu_fp32.json on CPU")
     parser.add_argument("--output", required=True, help="run folder (config, logs, checkpoints, metrics)")
     if training:
         parser.add_argument("--resume", default="auto",
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder (holding checkpoints/)")
     export.add_argument("--output", default=None, help="default RUN/export")
     export.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    sub.add_parser("recipes", help="list the shipped recipes and DeepSpeed configs (usable by name from any folder)")
     predict = sub.add_parser("predict", help="named top-k predictions for images (files, folders, lists, shards)")
     predict.add_argument("--model", required=True,
                          help="a BFT run folder, an export folder (config.json + model.safetensors) or a weights file")
@@ -114,7 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NONFINITE
 
 
+def _list_shipped() -> int:
+    for kind, title in (("recipe", "recipes (--config NAME)"), ("ds_config", "DeepSpeed configs (--ds-config NAME)")):
+        print(f"{title}, in {recipes.shipped_dir(kind)}:")
+        for path in recipes.shipped(kind):
+            print(f"  {path.name:36s} {recipes.summary(path)}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "recipes":
+        return _list_shipped()
     if args.command == "export":
         for path in export(args.run, args.output, args.tag):
             print(f"wrote {path}")

@@ -6,8 +6,9 @@ an explicit value that contradicts the recipe is an error, never silently overri
 
 A recipe may name a base recipe (``base: mgp_vit_base_imagenet_lt.yaml``, relative to its folder) and hold only
 its differences; the loaded Recipe is always whole (no ``base``), and it is what a run saves as ``config.yaml``.
-The defaults of the recipe values live in the dataclasses below; model builders, transforms and remote reads take
-them from the typed recipe instead of repeating them.
+A recipe or DeepSpeed config is named by its path or by the file name of a shipped one (recipes.py).
+The defaults of the recipe values live in the dataclasses below, their one home: model builders, transforms and
+remote reads take them from the typed recipe.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from livt_ds import recipes
 from livt_ds.errors import ConfigError
 
 
@@ -259,7 +261,7 @@ def read_recipe_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     if not path.is_file():
         if _chain:
             raise ConfigError(f"{_chain[-1]}: base recipe {path} not found (base: is relative to the recipe's folder)")
-        raise ConfigError(f"{path}: recipe not found (see configs/ for the shipped recipes)")
+        path = recipes.find("recipe", path)
     if any(path.resolve() == seen.resolve() for seen in _chain):
         cycle = " -> ".join(str(p) for p in (*_chain, path))
         raise ConfigError(f"recipe base cycle: {cycle}; a recipe may not name itself as a base, even indirectly")
@@ -309,9 +311,7 @@ AUTO = "auto"
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: DeepSpeed config not found (see ds_configs/)")
+    path = recipes.find("ds_config", path)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -93,7 +93,7 @@ class PretrainTask:
         return model
 
     def train_transform(self):
-        return transforms.mgp_transform(self.recipe.model.img_size, self.mean, self.std)
+        return transforms.pretrain_transform(self.recipe.model.img_size, self.mean, self.std)
 
     def eval_transform(self):
         return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)
@@ -178,7 +178,7 @@ class FinetuneTask:
 
     def train_transform(self):
         a = self.recipe.augment
-        return transforms.bft_transform(self.recipe.model.img_size, self.mean, self.std,
+        return transforms.finetune_transform(self.recipe.model.img_size, self.mean, self.std,
                                         rand_augment=a.rand_augment, re_prob=a.re_prob, crop_scale=a.crop_scale)
 
     def eval_transform(self):

@@ -34,11 +34,11 @@ from livt_ds.data.make_shards import write_shards
 from livt_ds.data.pipeline import StreamPosition, train_loader
 from livt_ds.data.sources import read_imagefolder
 from livt_ds.data.synthetic import write_image_folder
-from livt_ds.data.transforms import bft_transform, mgp_transform
+from livt_ds.data.transforms import finetune_transform, pretrain_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PAPER = AugmentConfig()  # the BFT transform is measured with the paper's augmentation (the recipe defaults)
-PAPER_BFT = dict(rand_augment=PAPER.rand_augment, re_prob=PAPER.re_prob, crop_scale=PAPER.crop_scale)
+PAPER_FINETUNE = dict(rand_augment=PAPER.rand_augment, re_prob=PAPER.re_prob, crop_scale=PAPER.crop_scale)
 
 
 def timed(batches, warmup: int, count: int) -> dict:
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                             max_side=args.max_side, stats_samples=200)  # fmt: skip
         shard_s = time.perf_counter() - t
         results = {}
-        transforms = {"mgp": mgp_transform(args.img_size, MEAN, STD),
-                      "bft": bft_transform(args.img_size, MEAN, STD, **PAPER_BFT)}
+        transforms = {"mgp": pretrain_transform(args.img_size, MEAN, STD),
+                      "bft": finetune_transform(args.img_size, MEAN, STD, **PAPER_FINETUNE)}
         with contextlib.ExitStack() as stack:
             base_url = stack.enter_context(http_server(Path(tmp))) if args.http else None
             for name, tf in transforms.items():

@@ -18,11 +18,11 @@ from livt_ds.data.pipeline import (
     train_loader,
 )
 from livt_ds.data.shards import decode_image, load_meta, read_tar_samples, shard_paths
-from livt_ds.data.transforms import bft_transform, mgp_transform
+from livt_ds.data.transforms import finetune_transform, pretrain_transform
 from livt_ds.train_state import steps_per_epoch
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-MGP = mgp_transform(16, MEAN, STD)
+MGP = pretrain_transform(16, MEAN, STD)
 PAPER = AugmentConfig()
 BFT = dict(rand_augment=PAPER.rand_augment, re_prob=PAPER.re_prob, crop_scale=PAPER.crop_scale)  # the paper's
 PIXELS = T.PILToTensor()  # uint8 [3,16,16]: identifies a sample by its image
@@ -110,7 +110,7 @@ def test_one_shard_still_gives_every_rank_its_batches(sets):
 @pytest.mark.parametrize(("workers", "skip"), [(0, 3), (2, 3), (2, 4)])
 def test_skip_batches_resumes_exactly(sets, workers, skip):
     shard_dir = sets[3]
-    tf = bft_transform(16, MEAN, STD, **BFT) if workers else MGP  # RandAugment + erasing must be reproducible too
+    tf = finetune_transform(16, MEAN, STD, **BFT) if workers else MGP  # RandAugment + erasing must be reproducible too
     full = train_batches(shard_dir, num_batches=7, num_workers=workers, transform=tf)
     resumed = train_batches(shard_dir, num_batches=7, num_workers=workers, transform=tf, skip_batches=skip)
     assert len(full) == 7 and len(resumed) == 7 - skip
@@ -253,7 +253,7 @@ def test_in_process_stream_leaves_the_callers_rngs_alone(sets):
 
     torch.manual_seed(5), np.random.seed(5), random.seed(5)
     states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
-    train_batches(sets[3], transform=bft_transform(16, MEAN, STD, **BFT), num_workers=0)
+    train_batches(sets[3], transform=finetune_transform(16, MEAN, STD, **BFT), num_workers=0)
     assert torch.equal(torch.get_rng_state(), states[0])  # a resumed trainer's RNG stays on its trajectory
     assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
 

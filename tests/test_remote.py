@@ -22,10 +22,10 @@ from livt_ds.data.make_shards import main as make_shards
 from livt_ds.data.pipeline import eval_loader, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions, open_url
 from livt_ds.data.shards import load_meta, shard_paths
-from livt_ds.data.transforms import mgp_transform
+from livt_ds.data.transforms import pretrain_transform
 from livt_ds.errors import ShardMissing, ShardUnavailable
 
-MGP = mgp_transform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+MGP = pretrain_transform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 FAST = RemoteOptions(retries=3, backoff_s=0.01, timeout_s=10)
 
 
@@ -127,10 +127,10 @@ def test_a_set_with_no_readable_shard_fails_and_the_process_exits(sets, tmp_path
     (tmp_path / "dead").mkdir()
     shutil.copy(sets / "s" / "meta.json", tmp_path / "dead")
     code = ("from livt_ds.data.pipeline import train_loader\n"
-            "from livt_ds.data.transforms import mgp_transform\n"
+            "from livt_ds.data.transforms import pretrain_transform\n"
             "from livt_ds.data.pipeline import StreamPosition\n"
             f"list(train_loader({str(tmp_path / 'dead')!r}, StreamPosition(0, 0, 0, 1, workers=1, batches=2), "
-            "transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4))")  # fmt: skip
+            "transform=pretrain_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], env=launcher_env(), capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert result.returncode == 1

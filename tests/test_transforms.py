@@ -13,7 +13,13 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
 from livt_ds.config import AugmentConfig
-from livt_ds.data.transforms import bft_transform, build_mixup, default_crop_pct, eval_transform, mgp_transform
+from livt_ds.data.transforms import (
+    build_mixup,
+    default_crop_pct,
+    eval_transform,
+    finetune_transform,
+    pretrain_transform,
+)
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 PAPER = AugmentConfig()  # the one home of the paper's BFT augmentation defaults
@@ -22,7 +28,7 @@ PAPER = AugmentConfig()  # the one home of the paper's BFT augmentation defaults
 def bft(img_size: int, **changes):
     """The BFT transform with the recipe defaults (AugmentConfig) except ``changes``."""
     settings = dict(rand_augment=PAPER.rand_augment, re_prob=PAPER.re_prob, crop_scale=PAPER.crop_scale)
-    return bft_transform(img_size, MEAN, STD, **{**settings, **changes})
+    return finetune_transform(img_size, MEAN, STD, **{**settings, **changes})
 TINY_BFT = Path(__file__).resolve().parents[1] / "configs" / "tiny_bft.yaml"
 
 
@@ -35,7 +41,7 @@ def ops(transform) -> list:
 
 
 def test_mgp_is_crop_flip_normalise_only():
-    tf = mgp_transform(24, MEAN, STD)
+    tf = pretrain_transform(24, MEAN, STD)
     names = [type(t).__name__ for t in ops(tf)]
     assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     crop = ops(tf)[0]
@@ -144,7 +150,7 @@ def test_build_mixup_variants():
 
 def test_bad_mean_std_are_rejected():
     with pytest.raises(ValueError, match="mean"):
-        mgp_transform(16, (0.5, 0.5), STD)
+        pretrain_transform(16, (0.5, 0.5), STD)
 
 
 def _crop(transform):

@@ -13,7 +13,7 @@ from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_aa
 from torchvision import transforms as T
 
-MGP_SCALE = (0.2, 1.0)  # RandomResizedCrop area range of masked generative pretraining (MAE recipe)
+PRETRAIN_SCALE = (0.2, 1.0)  # RandomResizedCrop area range of masked generative pretraining (MAE recipe)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,12 +26,12 @@ def _check(img_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def mgp_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+def pretrain_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """MGP: RandomResizedCrop (scale 0.2-1, bicubic) + horizontal flip + normalise, nothing else."""
     mean, std = _check(img_size, mean, std)
     return T.Compose(
         [
-            T.RandomResizedCrop(img_size, scale=MGP_SCALE, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(img_size, scale=PRETRAIN_SCALE, interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean, std),
@@ -39,7 +39,7 @@ def mgp_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) ->
     )
 
 
-def bft_transform(
+def finetune_transform(
     img_size: int,
     mean: Sequence[float],
     std: Sequence[float],

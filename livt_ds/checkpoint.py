@@ -29,12 +29,12 @@ import torch
 from livt_ds import dist
 from livt_ds.config import CheckpointConfig
 from livt_ds.errors import CheckpointError, StateError
+from livt_ds.run_files import CHECKPOINTS, LATEST, STATE_FILE, write_json_atomic, write_text_atomic
 from livt_ds.safe_load import load_torch_file
 from livt_ds.seeding import rng_state, set_rng_state
-from livt_ds.train_state import TrainState, write_json_atomic, write_text_atomic
+from livt_ds.train_state import TrainState
 
 TAG_RE = re.compile(r"^step(\d{8})$")
-STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -43,11 +43,11 @@ def step_tag(step: int) -> str:
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
+    latest = ckpt_dir / LATEST
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
@@ -70,16 +70,16 @@ def is_complete(tag_dir: Path) -> bool:
     count as complete when ``latest`` names them, as then nothing else could be known.)"""
     if (tag_dir / STATE_FILE).is_file():
         return True
-    latest = tag_dir.parent / "latest"
+    latest = tag_dir.parent / LATEST
     return latest.is_file() and latest.read_text().strip() == tag_dir.name
 
 
 def find_checkpoint(path: Path) -> tuple[Path, str] | None:
     """The checkpoint a path names: a run folder or a checkpoint folder (its ``latest``), or a tag folder."""
-    if (path / "latest").is_file():
+    if (path / LATEST).is_file():
         return path, latest_tag(path)
-    if (path / "checkpoints" / "latest").is_file():
-        return path / "checkpoints", latest_tag(path / "checkpoints")
+    if (path / CHECKPOINTS / LATEST).is_file():
+        return path / CHECKPOINTS, latest_tag(path / CHECKPOINTS)
     if path.is_dir() and glob.glob(str(path / "*model_states.pt")):
         return path.parent, path.name
     return None
@@ -158,7 +158,7 @@ class CheckpointManager:
         dist.barrier()  # every rank's files are written: only now is the tag complete
         if dist.is_main():
             write_json_atomic(self.dir / tag / STATE_FILE, state.to_dict())
-            write_text_atomic(self.dir / "latest", tag)
+            write_text_atomic(self.dir / LATEST, tag)
             self._prune(keep={tag, state.best.tag if state.best else tag})
         dist.barrier()
         return tag

@@ -28,6 +28,7 @@ import yaml
 from livt_ds import report
 from livt_ds.data.longtail import FEW_SHOT, MANY_SHOT
 from livt_ds.metrics import ECE_BINS
+from livt_ds.run_files import CONFIG, EVAL_METRICS, METRICS_LOG, RUN_INFO
 
 __all__ = [
     "RunResult", "load_run", "eval_history", "load_class_info", "check_seed_group", "mean_std", "mean_metrics",
@@ -75,7 +76,7 @@ class RunResult:
 def load_run(path: str | Path) -> RunResult:
     """Read ``RUN/metrics.json`` (``path`` may also be the metrics.json file) and ``RUN/config.yaml`` if present."""
     path = Path(path)
-    metrics_path = path if path.suffix == ".json" else path / "metrics.json"
+    metrics_path = path if path.suffix == ".json" else path / EVAL_METRICS
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path}: missing; pass a run folder that finished an evaluation "
                                 "(finetune with eval, or `livt eval --output RUN`)")
@@ -83,7 +84,7 @@ def load_run(path: str | Path) -> RunResult:
     absent = [key for key in _REQUIRED_METRICS if key not in metrics]
     if absent:
         raise ValueError(f"{metrics_path}: keys {absent} missing; is this a finetune/eval run (not an MGP run)?")
-    config_path = metrics_path.parent / "config.yaml"
+    config_path = metrics_path.parent / CONFIG
     recipe = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     return RunResult(metrics_path.parent, metrics, recipe or {}, eval_history(metrics_path.parent))
 
@@ -92,12 +93,12 @@ def eval_history(run: str | Path) -> list[tuple[float, dict[str, float]]]:
     """``[(epoch, {"top1": .., "few": .., ...})]`` of the evaluations logged in ``RUN/metrics.jsonl`` during
     training; epochs from ``RUN/run.yaml``'s steps_per_epoch (steps when it is absent)."""
     run = Path(run)
-    log = run / "metrics.jsonl"
+    log = run / METRICS_LOG
     if not log.is_file():
         return []
     per_epoch = 1
-    if (run / "run.yaml").is_file():
-        schedule = (yaml.safe_load((run / "run.yaml").read_text()) or {}).get("schedule", {})
+    if (run / RUN_INFO).is_file():
+        schedule = (yaml.safe_load((run / RUN_INFO).read_text()) or {}).get("schedule", {})
         per_epoch = int(schedule.get("steps_per_epoch") or 1)
     history = []
     for line in log.read_text().splitlines():

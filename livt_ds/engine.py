@@ -27,10 +27,11 @@ from livt_ds.data.shards import load_meta
 from livt_ds.errors import ConfigError, NonFiniteLossError
 from livt_ds.evaluate import evaluate, save_evaluation
 from livt_ds.optim import apply_lr, lr_at, param_groups
+from livt_ds.run_files import CONFIG, DS_CONFIG, RUN_INFO, write_status
 from livt_ds.run_log import Logger
 from livt_ds.seeding import seed_everything
 from livt_ds.tasks import Task, build_task
-from livt_ds.train_state import Best, Schedule, TrainState, write_status
+from livt_ds.train_state import Best, Schedule, TrainState
 
 
 def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
@@ -248,11 +249,11 @@ class Trainer:
         if dist.is_main():
             self.output.mkdir(parents=True, exist_ok=True)
             write_status(self.output, "setup", 0)
-            save_recipe(self.recipe, self.output / "config.yaml")
-            (self.output / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            save_recipe(self.recipe, self.output / CONFIG)
+            (self.output / DS_CONFIG).write_text(json.dumps(self.ds_config, indent=2))
             info = {"stage": self.stage, "world_size": self.world, "num_classes": self.meta.get("num_classes"),
                     "data": self.recipe.data.path, "schedule": self.schedule.as_dict()}
-            (self.output / "run.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+            (self.output / RUN_INFO).write_text(yaml.safe_dump(info, sort_keys=False))
         dist.barrier()
 
     def _build_engine(self) -> None:

@@ -23,9 +23,9 @@ from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.errors import CheckpointError, ConfigError
 from livt_ds.report import save_images
+from livt_ds.run_files import BEST_METRICS, CONFIG, EVAL_METRICS, PLOTS, write_json_atomic
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task
-from livt_ds.train_state import write_json_atomic
 from livt_ds.weights import weights_provenance
 
 
@@ -48,10 +48,10 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
     if not dist.is_main():
         return
     output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output / "metrics.json", record)  # a reader (or livt export) never sees half a file
+    write_json_atomic(output / EVAL_METRICS, record)  # a reader (or livt export) never sees half a file
     if best:
-        write_json_atomic(output / "best_metrics.json", record)
-    save_images(result.images, output / "plots", step)
+        write_json_atomic(output / BEST_METRICS, record)
+    save_images(result.images, output / PLOTS, step)
 
 
 def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, output / "config.yaml")
+        save_recipe(recipe, output / CONFIG)
     log = Logger(output, tensorboard=True, progress=False)
     try:
         save_evaluation(output, 0, result.metrics, result, log)

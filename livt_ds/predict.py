@@ -31,6 +31,7 @@ from livt_ds.data.transforms import eval_transform
 from livt_ds.errors import CheckpointError
 from livt_ds.hub import CONFIG_NAME, WEIGHTS_NAME, build_timm_model, hub_config, model_weights
 from livt_ds.priors import prior_adjustment, resolve_prior
+from livt_ds.run_files import CHECKPOINTS, EXPORT
 from livt_ds.safe_load import load_torch_file
 from livt_ds.weights import load_weights, run_export_config
 
@@ -56,11 +57,11 @@ def load_config_and_weights(spec: str | Path) -> tuple[dict[str, Any], dict[str,
     """(hub config, timm state dict) of an export folder, a run folder, a .safetensors file (config.json beside
     it) or a livt .pt export. Weights are never unpickled beyond plain data (livt_ds/safe_load.py)."""
     path = Path(spec)
-    for folder in (path, path / "export"):
+    for folder in (path, path / EXPORT):
         if folder.is_dir() and (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
             return json.loads((folder / CONFIG_NAME).read_text()), load_weights(folder / WEIGHTS_NAME)
-    if path.is_dir() and (path / "checkpoints").is_dir():  # a run without export: consolidate its latest checkpoint
-        config = run_export_config(path, latest_tag(path / "checkpoints") or "")
+    if path.is_dir() and (path / CHECKPOINTS).is_dir():  # a run without export: consolidate its latest checkpoint
+        config = run_export_config(path, latest_tag(path / CHECKPOINTS) or "")
         return config, model_weights(load_weights(path), config["livt"]["stage"])
     if path.is_file() and path.suffix == ".safetensors":
         if not (path.parent / CONFIG_NAME).is_file():

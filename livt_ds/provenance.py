@@ -25,6 +25,7 @@ from typing import Any
 
 from livt_ds.dist import pid_alive
 from livt_ds.errors import ConfigError, RunLockedError
+from livt_ds.run_files import HISTORY, LOCK
 
 # Keys whose change does not change what is trained: how often to evaluate, log and save, and where to stop.
 BOOKKEEPING_SECTIONS = ("eval.", "log.", "checkpoint.")
@@ -103,7 +104,7 @@ class History:
     """``RUN/history.jsonl``: append-only; written by rank 0 only."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "history.jsonl"
+        self.path = Path(run_dir) / HISTORY
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -154,7 +155,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path, *, heartbeat_s: float = 30.0, stale_after_s: float = 180.0) -> None:
-        self.path = Path(run_dir) / "run.lock"
+        self.path = Path(run_dir) / LOCK
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from livt_ds import dist
+from livt_ds.run_files import METRICS_LOG
 
 
 class Logger:
@@ -23,7 +24,7 @@ class Logger:
         if not self.enabled:
             return
         output.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(output / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.jsonl = open(output / METRICS_LOG, "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

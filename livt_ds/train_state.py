@@ -1,23 +1,15 @@
-"""Where a run stands: its schedule, its training state (what a checkpoint must bring back), and its phase.
+"""Where a run stands: its schedule and its training state (what a checkpoint must bring back).
 
 - `Schedule`: lengths in optimizer steps, derived once from the recipe, the data size and the batch plan; the lr
   and the data-stream position are pure functions of the step.
 - `TrainState`: step, best evaluation, last saved step and the data position of that step: typed, versioned,
   saved inside every checkpoint (and as ``train_state.json`` next to it, readable by people and by `plan_resume`).
-- ``RUN/status.json``: the phase, rewritten by global rank 0 at every phase change, never in the middle of one:
-  ``{"phase": "setup" | "train" | "eval" | "save" | "finished" | "stopped" | "failed", "step": int, "pid": int,
-  "time": float}`` (``step``: the last completed optimizer step). A run killed without warning leaves the phase it
-  was in, which tells a run that died while saving from one that died while training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from livt_ds.config import Recipe
@@ -26,26 +18,6 @@ from livt_ds.errors import ConfigError, StateError
 from livt_ds.optim import lr_at
 
 STATE_VERSION = 1
-PHASES = ("setup", "train", "eval", "save", "finished", "stopped", "failed")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that a reader (or a process killed at any moment) sees the old or the new file, never a
-    partial one: write a sibling temp file, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2))
-
-
-def write_status(run_dir: Path, phase: str, step: int) -> None:
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
-    write_json_atomic(Path(run_dir) / "status.json",
-                      {"phase": phase, "step": int(step), "pid": os.getpid(), "time": time.time()})
 
 
 def steps_per_epoch(num_samples: int, global_batch: int, fixed: int | None = None) -> int:

@@ -30,6 +30,7 @@ from livt_ds.data.transforms import normalisation
 from livt_ds.errors import CheckpointError
 from livt_ds.hub import hub_config, model_weights, write_export
 from livt_ds.provenance import model_provenance
+from livt_ds.run_files import CHECKPOINTS, CONFIG, EXPORT, RUN_INFO
 from livt_ds.safe_load import load_torch_file, weights_only_loading
 
 
@@ -106,7 +107,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = load_torch_file(path)
         return obj.get("model", obj) if isinstance(obj, dict) else obj
-    for folder in (path / "export", path):
+    for folder in (path / EXPORT, path):
         for name in WEIGHT_FILES:
             if (folder / name).is_file():
                 return load_weights(folder / name)
@@ -122,7 +123,7 @@ def weights_provenance(path: str | Path) -> dict[str, Any]:
     """Where the weights behind ``path`` (as ``load_weights`` resolves it) were trained: run folder, checkpoint
     tag and the sha256 of the recipe they were trained with, so a metrics.json can be traced to its weights."""
     path = Path(path)
-    folders = [path.parent] if path.is_file() else [path / "export", path]
+    folders = [path.parent] if path.is_file() else [path / EXPORT, path]
     for folder in folders:
         config = folder / "config.json"
         if config.is_file() and any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -135,16 +136,16 @@ def weights_provenance(path: str | Path) -> dict[str, Any]:
     if found is None:
         raise CheckpointError(f"{path}: not a run folder, checkpoint or export")
     ckpt_dir, tag = found
-    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else None
+    run_dir = ckpt_dir.parent if ckpt_dir.name == CHECKPOINTS else None
     return {**model_provenance(run_dir, tag, saved_recipe(ckpt_dir / tag)), "weights": str(path.resolve())}
 
 
 def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
     """timm hub config.json of a run: model from its recipe, class names and counts from its shard set."""
-    run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
-    if not (run_dir / "config.yaml").is_file():
+    run_info = yaml.safe_load((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
+    if not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"{run_dir}: no config.yaml; not a livt run folder")
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    recipe = recipe_from_dict(yaml.safe_load((run_dir / CONFIG).read_text()))
     try:
         meta = load_meta(recipe.data.path)
     except FileNotFoundError as exc:
@@ -160,7 +161,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     """Write ``model.safetensors`` + ``config.json`` (timm's hub layout: the classifier, or the encoder of an MGP
     run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights."""
     run_dir = Path(run_dir)
-    output = Path(output) if output else run_dir / "export"
+    output = Path(output) if output else run_dir / EXPORT
     ckpt_dir = checkpoint_dir(run_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:

@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from livt_ds.checkpoint import STATE_FILE, CheckpointManager, plan_resume, step_tag
+from livt_ds.checkpoint import CheckpointManager, plan_resume, step_tag
 from livt_ds.config import CheckpointConfig
 from livt_ds.data.pipeline import StreamPosition
 from livt_ds.errors import CheckpointError, StateError
-from livt_ds.train_state import Best, Schedule, TrainState, write_status
+from livt_ds.run_files import STATE_FILE, write_status
+from livt_ds.train_state import Best, Schedule, TrainState
 
 SCHEDULE = Schedule(steps_per_epoch=5, total_steps=15, warmup_steps=2, accumulation=3, global_batch=24, base_lr=0.1,
                     min_lr=0.01)

@@ -28,7 +28,7 @@ import torch
 
 from livt_ds import dist
 from livt_ds.config import CheckpointConfig
-from livt_ds.errors import CheckpointError, StateError
+from livt_ds.errors import CheckpointError
 from livt_ds.run_files import CHECKPOINTS, LATEST, STATE_FILE, write_json_atomic, write_text_atomic
 from livt_ds.safe_load import load_torch_file
 from livt_ds.seeding import rng_state, set_rng_state
@@ -66,12 +66,8 @@ def saved_world_size(tag_dir: Path) -> int:
 
 
 def is_complete(tag_dir: Path) -> bool:
-    """A tag folder whose save finished on every rank. (Checkpoints of earlier versions have no state file; they
-    count as complete when ``latest`` names them, as then nothing else could be known.)"""
-    if (tag_dir / STATE_FILE).is_file():
-        return True
-    latest = tag_dir.parent / LATEST
-    return latest.is_file() and latest.read_text().strip() == tag_dir.name
+    """A tag folder whose save finished on every rank: rank 0 writes its state file last."""
+    return (tag_dir / STATE_FILE).is_file()
 
 
 def find_checkpoint(path: Path) -> tuple[Path, str] | None:
@@ -189,13 +185,9 @@ class CheckpointManager:
         """Weights, optimizer, training state and this rank's RNG states of ``plan``'s checkpoint."""
         check_model_matches(engine.module, plan.tag_dir)
         client = _load_engine(engine, plan.ckpt_dir, plan.load_tag)
-        try:
-            state = TrainState.from_dict(client.get("train_state", client), str(plan.tag_dir))
-        except StateError as exc:
-            raise CheckpointError(str(exc)) from None
-        if state.stage not in (None, stage):
+        state = TrainState.from_dict(client.get("train_state", {}), str(plan.tag_dir))
+        if state.stage != stage:
             raise CheckpointError(f"{plan.tag_dir} is a '{state.stage}' checkpoint, not '{stage}'")
-        state.stage = stage
         rng = client.get("rng") or []
         if len(rng) == dist.world_size():  # the same world: each rank continues its own random streams
             set_rng_state(rng[dist.rank()])
@@ -252,7 +244,7 @@ def persistent_buffer_names(model: torch.nn.Module) -> set[str]:
 
 def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
     """Refuse, before DeepSpeed tries, a checkpoint whose parameter names/shapes or buffers differ from
-    ``model``'s (a checkpoint that lacks a buffer, e.g. one made when the fixed tables were frozen parameters)."""
+    ``model``'s, or that lacks one of its persistent buffers (the MAE's fixed sin-cos tables)."""
     states = model_states(tag_dir)
     saved = saved_param_shapes(states)
     current = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}

@@ -105,12 +105,8 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> TrainState:
-        """Read a saved state; ``where`` names the checkpoint in errors. A checkpoint of an earlier version (no
-        ``version``: step and best at the top of the client state) is read too."""
-        if "version" not in data:
-            data = {"version": 0, "stage": data.get("stage"), "step": data.get("step", 0),
-                    "best": data.get("best") or None, "last_saved": data.get("step"), "stream": {}}
-        if data["version"] > STATE_VERSION:
+        """Read a saved state; ``where`` names the checkpoint in errors."""
+        if data.get("version", STATE_VERSION) > STATE_VERSION:
             raise StateError(f"{where}: training state version {data['version']} is newer than this livt-ds reads "
                              f"({STATE_VERSION}); upgrade livt-ds to resume it")
         best = data.get("best")

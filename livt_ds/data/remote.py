@@ -54,7 +54,7 @@ def _gigabytes(size_gb: float) -> int:
 class RemoteOptions:
     """How remote files are read: retries, waits, timeout, and the optional local cache (``cache_dir``)."""
 
-    # defaults: the recipe's (DataConfig is their one home)
+    # defaults: the recipe's (DataConfig)
     retries: int = _DATA.retries  # further tries of one file after a failed open or read
     backoff_s: float = _DATA.retry_backoff_s  # first retry's wait; doubles (capped at MAX_WAIT_S), +-50 % jitter
     timeout_s: float = _DATA.timeout_s  # connect / read timeout of one HTTP request

@@ -1,6 +1,6 @@
 """Explicit name -> size map for the ViTs we train, and the two constructors the tasks call.
 
-The constructors take the recipe's typed ``model`` section (ModelConfig), so every model default has one home.
+The constructors take the recipe's typed ``model`` section (ModelConfig): the model defaults are the recipe's.
 
 Sizes follow ViT/DeiT (patch size and image size are separate arguments); `vit_test` and `vit_demo` are tiny
 widths for CPU tests and the built-in demo.

@@ -347,8 +347,8 @@ def set_adam(ds: dict[str, Any], variant: str) -> dict[str, Any]:
 
 def project_runner(s: Settings, recipe: Recipe, task: Any, ds_path: Path, *, compile_model: bool,
                    adam: str = "config") -> Runner:
-    """The trainer's set-up (engine.py ``_build_engine``) and step (engine.py ``_loop``) for one task."""
-    from livt_ds.engine import build_engine, train_micro_step
+    """The trainer's engine (engine.py ``build_engine``) and micro-step (engine.py ``train``) for one task."""
+    from livt_ds.engine import build_engine
 
     ds = set_adam(resolve_ds_config(load_ds_config(ds_path), recipe, world=1), adam)
     engine, optimizer, dtype = build_engine(task, recipe, ds)
@@ -356,9 +356,14 @@ def project_runner(s: Settings, recipe: Recipe, task: Any, ds_path: Path, *, com
         engine.compile()
     lr = float(ds["optimizer"]["params"]["lr"])
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # the micro-step of engine.train
         apply_lr(optimizer, lr)
-        return train_micro_step(engine, task, images, labels, dtype)
+        images, targets = task.prepare_batch(images.to(engine.device, non_blocking=True),
+                                             labels.to(engine.device, non_blocking=True))
+        loss = task.loss(engine, images.to(dtype), targets)
+        engine.backward(loss)
+        engine.step()
+        return loss
 
     zero = ds.get("zero_optimization", {})
     inner = getattr(optimizer, "optimizer", optimizer)  # the torch / DeepSpeed optimizer inside ZeRO's wrapper
@@ -366,7 +371,7 @@ def project_runner(s: Settings, recipe: Recipe, task: Any, ds_path: Path, *, com
             "zero_stage": zero.get("stage", 0), "offload": "offload_optimizer" in zero, "ds_adam": adam,
             "optimizer": type(inner).__name__, "optimizer_fused": getattr(inner, "defaults", {}).get("fused"),
             "dtype": str(dtype).replace("torch.", ""), "param_groups": len(optimizer.param_groups),
-            "prepare_batch": "device (engine.train_micro_step)", "pin_memory": torch.cuda.is_available()}
+            "prepare_batch": "device (as engine.train)", "pin_memory": torch.cuda.is_available()}
     return Runner(step, engine.device, info, [engine])
 
 

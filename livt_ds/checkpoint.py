@@ -6,16 +6,19 @@ written by rank 0 once every rank's files are complete; ``RUN/checkpoints/latest
 is replaced atomically after it. A run killed at any moment therefore leaves ``latest`` at a complete checkpoint;
 a half-written tag folder is removed when that step is saved again.
 
-- `plan_resume` decides, from the files alone (no DeepSpeed), what a launch resumes from: testable and cheap.
-- `CheckpointManager` decides when to save (`due`), saves and prunes (`save`), converts for another world size
-  (`engine_config`), and restores (`restore`).
+- `plan_resume` decides, from the files alone (no DeepSpeed), what a launch resumes from and what differs from
+  the checkpoint (recipe, schedule length, data stream): testable and cheap.
+- `save_due` says when to save; `save` saves and prunes; `engine_config` converts for another world size;
+  `restore` brings the engine and the `TrainState` back.
 Plain weights (consolidation, ``model.init``, export) are in livt_ds/weights.py.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
+import json
 import re
 import shutil
 import subprocess
@@ -26,13 +29,13 @@ from typing import Any
 
 import torch
 
-from livt_ds import dist
-from livt_ds.config import CheckpointConfig
-from livt_ds.errors import CheckpointError
+from livt_ds import dist, provenance
+from livt_ds.config import CheckpointConfig, Recipe, recipe_from_dict, recipe_to_dict
+from livt_ds.errors import CheckpointError, ConfigError
 from livt_ds.run_files import CHECKPOINTS, LATEST, STATE_FILE, write_json_atomic, write_text_atomic
 from livt_ds.safe_load import load_torch_file
 from livt_ds.seeding import rng_state, set_rng_state
-from livt_ds.train_state import TrainState
+from livt_ds.train_state import Schedule, TrainState
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 
@@ -56,13 +59,18 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
-def saved_world_size(tag_dir: Path) -> int:
-    """Data-parallel world size a ZeRO checkpoint was written with (one optimizer shard per rank)."""
-    shards = glob.glob(str(tag_dir / "*zero_pp_rank_*_optim_states.pt"))
+def optimizer_shards(tag_dir: Path) -> list[str]:
+    """The ZeRO optimizer shard files of a tag folder, one per data-parallel rank, sorted."""
+    shards = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")))
     if not shards:
         raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); "
                               "not a livt/DeepSpeed checkpoint")
-    return len(shards)
+    return shards
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    """Data-parallel world size a ZeRO checkpoint was written with (one optimizer shard per rank)."""
+    return len(optimizer_shards(tag_dir))
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -84,12 +92,18 @@ def find_checkpoint(path: Path) -> tuple[Path, str] | None:
 # ------------------------------------------------------------------------------------------------ resume plan
 @dataclass(frozen=True)
 class ResumePlan:
-    """What a launch resumes from: ``ckpt_dir/tag``, written by ``saved_world`` ranks, loaded by ``world``."""
+    """What a launch resumes from: ``ckpt_dir/tag`` (step ``step``), written by ``saved_world`` ranks, loaded by
+    ``world``; and what differs from the checkpoint: the recipe (``recipe_change``: key -> [old, new]), the length
+    of the schedule (``schedule_change``) and the data stream (``stream_warnings``)."""
 
     ckpt_dir: Path
     tag: str
     saved_world: int
     world: int
+    step: int = 0
+    recipe_change: dict[str, list] | None = None
+    schedule_change: dict[str, list] | None = None
+    stream_warnings: tuple[str, ...] = ()
 
     @property
     def tag_dir(self) -> Path:
@@ -104,10 +118,23 @@ class ResumePlan:
     def load_tag(self) -> str:
         return f"{self.tag}_universal" if self.needs_universal else self.tag
 
+    def messages(self) -> list[str]:
+        """What a resumed launch tells the user first."""
+        text = f"resumed from {self.tag_dir} at step {self.step}"
+        if self.schedule_change:
+            total, lr = self.schedule_change["total_steps"], self.schedule_change["lr_at_resume"]
+            text += (f"; the schedule now ends at step {total[1]} (was {total[0]}): "
+                     f"lr at step {self.step} {lr[0]:.3g} -> {lr[1]:.3g}")
+        return [text, *self.stream_warnings]
 
-def plan_resume(run_dir: Path, resume: str, world: int) -> ResumePlan | None:
+
+def plan_resume(run_dir: Path, resume: str, world: int, *, recipe: Recipe | None = None,
+                schedule: Schedule | None = None, allow_recipe_change: bool = False) -> ResumePlan | None:
     """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start; a path: that run folder,
-    checkpoint folder or tag folder, which must hold a complete checkpoint. Reads files only."""
+    checkpoint folder or tag folder, which must hold a complete checkpoint. Reads files only.
+
+    With the launch's ``recipe`` and ``schedule``, the plan also holds what differs from the checkpoint; a recipe
+    change that alters what is trained raises ConfigError unless ``allow_recipe_change``."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -125,73 +152,106 @@ def plan_resume(run_dir: Path, resume: str, world: int) -> ResumePlan | None:
     if not is_complete(ckpt_dir / tag):
         raise CheckpointError(f"{ckpt_dir / tag} is incomplete (no {STATE_FILE}: its save was interrupted); "
                               f"resume from {ckpt_dir} ('latest') instead")
-    return ResumePlan(ckpt_dir, tag, saved_world_size(ckpt_dir / tag), world)
+    plan = ResumePlan(ckpt_dir, tag, saved_world_size(ckpt_dir / tag), world)
+    if recipe is None or schedule is None:
+        return plan
+    state = saved_state(plan.tag_dir)
+    saved = saved_recipe(plan.tag_dir)
+    diff = None if saved is None else provenance.check_resume_recipe(
+        saved, recipe_to_dict(recipe), allow=allow_recipe_change, checkpoint=str(plan.tag_dir),
+        output=str(run_dir))
+    return dataclasses.replace(plan, step=state.step, recipe_change=diff,
+                               schedule_change=schedule_change(saved, diff, schedule, state.step),
+                               stream_warnings=stream_warnings(state, schedule, recipe, world))
 
 
-# ------------------------------------------------------------------------------------------------ manager
-class CheckpointManager:
-    """When the run saves, what a checkpoint holds, how it is written and pruned, and how a run comes back."""
+def schedule_change(saved: dict[str, Any] | None, diff: dict[str, list] | None, schedule: Schedule,
+                    step: int) -> dict[str, list] | None:
+    """A resume with another length (allowed on purpose) follows, from its first step on, the warm-up + cosine of
+    a run planned with the new length from the start: the lr stays a pure function of the step."""
+    if not saved or not diff:
+        return None
+    try:
+        before = schedule.replan(recipe_from_dict(saved))
+    except ConfigError:  # a recipe this version cannot read: nothing to compare
+        return None
+    if before.total_steps == schedule.total_steps:
+        return None
+    return {"total_steps": [before.total_steps, schedule.total_steps], "lr_at_resume": [before.lr(step),
+                                                                                          schedule.lr(step)]}
 
-    def __init__(self, run_dir: Path, config: CheckpointConfig) -> None:
-        self.dir = checkpoint_dir(run_dir)
-        self.config = config
 
-    def due(self, step: int, *, evaluated: bool, final: bool) -> bool:
-        """Save after an evaluation (so the best model has a checkpoint), every ``checkpoint.every_steps``, and
-        at the last step of a launch (the end, ``stop_after_steps``, SIGTERM)."""
-        every = self.config.every_steps
-        return final or evaluated or bool(every and step % every == 0)
+def stream_warnings(state: TrainState, schedule: Schedule, recipe: Recipe, world: int) -> tuple[str, ...]:
+    """A warning when the data stream from the resume step on is not the one the checkpoint's run would have read."""
+    now = schedule.stream_position(state.step, seed=recipe.train.seed, rank=0, world=world,
+                                   workers=recipe.data.num_workers).without_rank()
+    changed = {k: [state.stream[k], now[k]] for k in state.stream
+               if k in now and state.stream[k] != now[k] and k != "batches"}
+    if not changed:
+        return ()
+    return (f"the data stream differs from the checkpoint's ({changed}): the batches from here on are not those of "
+            "an uninterrupted run (keep data.num_workers and the world size to resume exactly)",)
 
-    def save(self, engine, state: TrainState, recipe: dict[str, Any]) -> str:
-        """Save ``state.step`` on every rank (a collective), mark it complete, point ``latest`` at it, prune."""
-        tag = step_tag(state.step)
-        state.last_saved = state.step
-        if dist.is_main() and (self.dir / tag).is_dir():  # left incomplete by a run killed while saving it
-            shutil.rmtree(self.dir / tag)
-        dist.barrier()
-        client = {"train_state": state.to_dict(), "rng": dist.gather_objects(rng_state()), "recipe": recipe}
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
-        dist.barrier()  # every rank's files are written: only now is the tag complete
-        if dist.is_main():
-            write_json_atomic(self.dir / tag / STATE_FILE, state.to_dict())
-            write_text_atomic(self.dir / LATEST, tag)
-            self._prune(keep={tag, state.best.tag if state.best else tag})
-        dist.barrier()
-        return tag
 
-    def _prune(self, keep: set[str]) -> None:
-        """Keep the newest ``keep_last`` tags and those in ``keep`` (latest, best); drop the rest."""
-        if self.config.keep_last <= 0:
-            return
-        tags = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-        for old in tags[:-self.config.keep_last]:
-            if old not in keep:
-                shutil.rmtree(self.dir / old, ignore_errors=True)
-                shutil.rmtree(self.dir / f"{old}_universal", ignore_errors=True)
+# ------------------------------------------------------------------------------------------------ save, restore
+def save_due(config: CheckpointConfig, step: int, *, evaluated: bool, final: bool) -> bool:
+    """Save after an evaluation (so the best model has a checkpoint), every ``checkpoint.every_steps``, and at the
+    last step of a launch (the end, ``stop_after_steps``, SIGTERM)."""
+    every = config.every_steps
+    return final or evaluated or bool(every and step % every == 0)
 
-    @staticmethod
-    def engine_config(plan: ResumePlan | None, ds_config: dict[str, Any]) -> dict[str, Any]:
-        """The DeepSpeed config the engine is built with: ``ds_config``, told to load the universal form when the
-        world size changed (converted here, once; a collective). ``ds_config`` itself is left as the user's."""
-        if plan is None or not plan.needs_universal:
-            return ds_config
-        to_universal(plan.ckpt_dir, plan.tag)
-        config = copy.deepcopy(ds_config)
-        config.setdefault("checkpoint", {})["load_universal"] = True
-        return config
 
-    @staticmethod
-    def restore(engine, plan: ResumePlan, stage: str) -> TrainState:
-        """Weights, optimizer, training state and this rank's RNG states of ``plan``'s checkpoint."""
-        check_model_matches(engine.module, plan.tag_dir)
-        client = _load_engine(engine, plan.ckpt_dir, plan.load_tag)
-        state = TrainState.from_dict(client.get("train_state", {}), str(plan.tag_dir))
-        if state.stage != stage:
-            raise CheckpointError(f"{plan.tag_dir} is a '{state.stage}' checkpoint, not '{stage}'")
-        rng = client.get("rng") or []
-        if len(rng) == dist.world_size():  # the same world: each rank continues its own random streams
-            set_rng_state(rng[dist.rank()])
-        return state
+def save(engine, state: TrainState, run_dir: Path, *, keep_last: int, recipe: dict[str, Any]) -> str:
+    """Save ``state.step`` on every rank (a collective), mark it complete, point ``latest`` at it, prune."""
+    ckpt_dir, tag = checkpoint_dir(run_dir), step_tag(state.step)
+    state.last_saved = state.step
+    if dist.is_main() and (ckpt_dir / tag).is_dir():  # left incomplete by a run killed while saving it
+        shutil.rmtree(ckpt_dir / tag)
+    dist.barrier()
+    client = {"train_state": state.to_dict(), "rng": dist.gather_objects(rng_state()), "recipe": recipe}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    dist.barrier()  # every rank's files are written: only now is the tag complete
+    if dist.is_main():
+        write_json_atomic(ckpt_dir / tag / STATE_FILE, state.to_dict())
+        write_text_atomic(ckpt_dir / LATEST, tag)
+        prune(ckpt_dir, keep_last, keep={tag, state.best.tag if state.best else tag})
+    dist.barrier()
+    return tag
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep: set[str]) -> None:
+    """Keep the newest ``keep_last`` tags and those in ``keep`` (latest, best); drop the rest."""
+    if keep_last <= 0:
+        return
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+    for old in tags[:-keep_last]:
+        if old not in keep:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
+
+
+def engine_config(plan: ResumePlan | None, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config the engine is built with: ``ds_config``, told to load the universal form when the world
+    size changed (converted here, once; a collective). ``ds_config`` itself is left as the user's."""
+    if plan is None or not plan.needs_universal:
+        return ds_config
+    to_universal(plan.ckpt_dir, plan.tag)
+    config = copy.deepcopy(ds_config)
+    config.setdefault("checkpoint", {})["load_universal"] = True
+    return config
+
+
+def restore(engine, plan: ResumePlan, stage: str) -> TrainState:
+    """Weights, optimizer, training state and this rank's RNG states of ``plan``'s checkpoint."""
+    check_model_matches(engine.module, plan.tag_dir)
+    client = _load_engine(engine, plan.ckpt_dir, plan.load_tag)
+    state = TrainState.from_dict(client.get("train_state", {}), str(plan.tag_dir))
+    if state.stage != stage:
+        raise CheckpointError(f"{plan.tag_dir} is a '{state.stage}' checkpoint, not '{stage}'")
+    rng = client.get("rng") or []
+    if len(rng) == dist.world_size():  # the same world: each rank continues its own random streams
+        set_rng_state(rng[dist.rank()])
+    return state
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -200,8 +260,10 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
 
     A collective when a process group is up: every rank must call it; a failure on rank 0 raises on every rank."""
     uni_tag = f"{tag}_universal"
-    error = None
-    if dist.is_main() and not (ckpt_dir / uni_tag).is_dir():
+
+    def convert() -> None:
+        if (ckpt_dir / uni_tag).is_dir():
+            return
         tmp = ckpt_dir / f"{uni_tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
@@ -210,15 +272,12 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
         print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint ...", flush=True)
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            error = f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}"
-        else:
-            tmp.rename(ckpt_dir / uni_tag)
-            (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
-    error = dist.broadcast_object(error)
-    if error:
-        raise CheckpointError(error)
-    return uni_tag
+            raise CheckpointError(f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}")
+        tmp.rename(ckpt_dir / uni_tag)
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
 
+    dist.on_main(convert)
+    return uni_tag
 
 
 def model_states(tag_dir: Path) -> dict[str, Any]:
@@ -257,6 +316,16 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
     if problems:
         raise CheckpointError(f"{tag_dir} does not match the model being trained (another model size or stage?): "
                               + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""))
+
+
+def saved_state(tag_dir: Path) -> TrainState:
+    """The training state a complete checkpoint holds (its ``train_state.json``), read without DeepSpeed."""
+    path = tag_dir / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); resume from another checkpoint") from None
+    return TrainState.from_dict(data, str(tag_dir))
 
 
 def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:

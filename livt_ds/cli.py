@@ -12,7 +12,7 @@ import torch
 from livt_ds import dist, recipes
 from livt_ds.config import load_recipe
 from livt_ds.data.make_shards import main as shard_main
-from livt_ds.engine import Trainer
+from livt_ds.engine import open_run, train
 from livt_ds.errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError
 from livt_ds.evaluate import run_eval
 from livt_ds.predict import default_workers, run_predict
@@ -157,9 +157,12 @@ def _run_distributed(args: argparse.Namespace, recipe) -> int:
                   f"tau {loss['tau']}):")
             print(prior_table_text(metrics["test_priors"]))
         return 0
-    stage = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
-    Trainer(stage, recipe, ds_config, args.output, resume=args.resume,
-            allow_recipe_change=args.allow_recipe_change).run()
+    run, state = open_run(args.command, recipe, ds_config, args.output, args.resume,
+                          allow_recipe_change=args.allow_recipe_change)
+    try:
+        train(run, state)
+    finally:
+        run.close()
     return 0
 
 

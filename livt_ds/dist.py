@@ -7,6 +7,7 @@ import datetime
 import io
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -164,6 +165,30 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=_CONTROL_GROUP)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 alone and give every rank its result; an exception it raises is raised on every rank
+    (same type, same message), so all ranks stop together instead of some waiting in the next collective."""
+    outcome = None
+    if is_main():
+        try:
+            outcome = (fn(), None)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            outcome = (None, _portable(exc))
+    value, error = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return value
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (to cross to the other ranks), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def gather_objects(obj: Any) -> list[Any]:

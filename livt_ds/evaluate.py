@@ -57,8 +57,6 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
 def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
     if not recipe.model.init:
         raise ConfigError("livt eval needs model.init=RUN_OR_EXPORT (a BFT run folder, checkpoint or export .pt)")
-    if not recipe.data.path:
-        raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
     output = Path(output)
     remote = RemoteOptions.from_config(recipe.data)
     task = FinetuneTask(recipe, load_meta(recipe.data.path, remote))

@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from livt_ds.config import Recipe, save_recipe
+
 CONFIG = "config.yaml"
 DS_CONFIG = "ds_config.json"
 RUN_INFO = "run.yaml"
@@ -61,3 +65,12 @@ def write_status(run_dir: Path, phase: str, step: int) -> None:
         raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
     write_json_atomic(Path(run_dir) / STATUS, {"phase": phase, "step": int(step), "pid": os.getpid(),
                                                "time": time.time()})
+
+
+def write_run_files(run_dir: Path, recipe: Recipe, ds_config: dict[str, Any], info: dict[str, Any]) -> None:
+    """A launch's resolved recipe, DeepSpeed config and ``info`` (stage, world size, schedule); phase ``setup``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_status(run_dir, "setup", 0)
+    save_recipe(recipe, run_dir / CONFIG)
+    (run_dir / DS_CONFIG).write_text(json.dumps(ds_config, indent=2))
+    (run_dir / RUN_INFO).write_text(yaml.safe_dump(info, sort_keys=False))

@@ -2,8 +2,9 @@
 
 - `Schedule`: lengths in optimizer steps, derived once from the recipe, the data size and the batch plan; the lr
   and the data-stream position are pure functions of the step.
-- `TrainState`: step, best evaluation, last saved step and the data position of that step: typed, versioned,
-  saved inside every checkpoint (and as ``train_state.json`` next to it, readable by people and by `plan_resume`).
+- `TrainState`: step, data position of that step, best evaluation, last saved step, skipped counts: typed,
+  versioned, saved inside every checkpoint (and as ``train_state.json`` next to it, readable by people and by
+  `plan_resume`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Schedule:
     global_batch: int
     base_lr: float
     min_lr: float = 0.0
+    num_samples: int = 0  # of the training split
 
     @classmethod
     def plan(cls, recipe: Recipe, ds_config: dict[str, Any], num_samples: int) -> Schedule:
@@ -47,7 +49,13 @@ class Schedule:
                               f"{batch}; lower train.batch_size or set train.steps_per_epoch")
         return cls(per_epoch, recipe.train.epochs * per_epoch, round(recipe.train.warmup_epochs * per_epoch),
                    ds_config["gradient_accumulation_steps"], batch, ds_config["optimizer"]["params"]["lr"],
-                   recipe.train.min_lr)
+                   recipe.train.min_lr, num_samples)
+
+    def replan(self, recipe: Recipe) -> Schedule:
+        """The schedule ``recipe`` has on the same data with the same batch plan and lr (another length)."""
+        batch_plan = {"train_batch_size": self.global_batch, "gradient_accumulation_steps": self.accumulation,
+                      "optimizer": {"params": {"lr": self.base_lr}}}
+        return dataclasses.replace(Schedule.plan(recipe, batch_plan, self.num_samples), min_lr=self.min_lr)
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -63,6 +71,10 @@ class Schedule:
 
     def ends_epoch(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0
+
+    def evaluation_due(self, step: int, every: int) -> bool:
+        """Evaluate at the end of every ``every``-th epoch (``eval.every``; 0: never) and of the last one."""
+        return self.ends_epoch(step) and (step == self.total_steps or bool(every and self.epoch_of(step) % every == 0))
 
     def stream_position(self, step: int, *, seed: int, rank: int, world: int, workers: int) -> StreamPosition:
         """The data stream right after optimizer step ``step``: the epoch it falls in and the micro-batches of that
@@ -87,8 +99,9 @@ class Best:
 
 @dataclass
 class TrainState:
-    """What a resumed run needs besides the weights and the optimizer (those are the engine's): the step, the
-    best evaluation, the last saved step, and where the data stream stands (to check a resume continues it)."""
+    """Where the run stands, and what a resumed run needs besides the weights and the optimizer (those are the
+    engine's): the step, where the data stream stands after it, the best evaluation, the last saved step, and the
+    corrupt samples and unreadable shard reads skipped by all ranks since the run began. The only owner of these."""
 
     stage: str
     step: int = 0
@@ -97,6 +110,7 @@ class TrainState:
     stream: dict[str, int] = field(default_factory=dict)  # StreamPosition of ``step`` without the rank
     skipped: dict[str, int] = field(default_factory=dict)  # {"samples", "shards"} skipped by all ranks up to ``step``
     version: int = STATE_VERSION
+    _counted: dict[str, int] = field(default_factory=dict, repr=False, compare=False)  # this launch's, in skipped
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "stage": self.stage, "step": self.step,
@@ -117,6 +131,18 @@ class TrainState:
         except (KeyError, TypeError) as exc:
             raise StateError(f"{where}: unreadable training state {data!r}: {exc}") from None
 
+    def advance(self, stream: StreamPosition) -> None:
+        """One optimizer step done; ``stream``: where the data stream stands after it."""
+        self.step += 1
+        self.stream = stream.without_rank()
+
+    def count_skipped(self, counts: dict[str, int]) -> dict[str, int]:
+        """Fold in ``counts``, what this launch's loaders skipped on all ranks so far; returns the run's totals."""
+        for key, value in counts.items():
+            self.skipped[key] = self.skipped.get(key, 0) + value - self._counted.get(key, 0)
+        self._counted = dict(counts)
+        return dict(self.skipped)
+
     def better(self, metric: str, value: float | None, mode: str) -> bool:
         """True when ``value`` beats the best so far (``mode``: "min" or "max")."""
         if value is None:
@@ -124,3 +150,10 @@ class TrainState:
         if self.best is None:
             return True
         return value < self.best.value if mode == "min" else value > self.best.value
+
+    def record_evaluation(self, metric: str, value: float | None, mode: str, tag: str) -> bool:
+        """Keep the evaluation of this step as the best when it beats the best so far; True when it does."""
+        if not self.better(metric, value, mode):
+            return False
+        self.best = Best(metric, value, self.step, tag)
+        return True

@@ -7,7 +7,6 @@ Exports: ``model.safetensors`` + ``config.json`` in timm's hub layout (livt_ds/h
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from livt_ds.checkpoint import (
     find_checkpoint,
     latest_tag,
     model_states,
+    optimizer_shards,
     saved_param_shapes,
     saved_recipe,
     to_universal,
@@ -39,11 +39,8 @@ def written_by_bf16_optimizer(tag_dir: Path) -> bool:
     optimizer state has no ``zero_stage``, so DeepSpeed's zero_to_fp32 cannot read it."""
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 
-    files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")))
-    if not files:
-        raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); "
-                              "not a livt/DeepSpeed checkpoint")
-    optim = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+    first = optimizer_shards(tag_dir)[0]
+    optim = torch.load(first, map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
     return ZERO_STAGE not in optim
 
 

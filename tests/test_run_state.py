@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from livt_ds.checkpoint import CheckpointManager, plan_resume, step_tag
+from livt_ds.checkpoint import plan_resume, save_due, step_tag
 from livt_ds.config import CheckpointConfig
 from livt_ds.data.pipeline import StreamPosition
 from livt_ds.errors import CheckpointError, StateError
@@ -40,8 +40,6 @@ def test_train_state_round_trips_and_refuses_a_newer_version():
     assert again == state
     with pytest.raises(StateError, match="version 99 is newer"):
         TrainState.from_dict({**state.to_dict(), "version": 99}, "ckpt")
-    legacy = TrainState.from_dict({"step": 4, "stage": "pretrain", "best": {}}, "old")  # earlier client state
-    assert (legacy.step, legacy.stage, legacy.best) == (4, "pretrain", None)
 
 
 def test_best_follows_the_metric_direction():
@@ -52,12 +50,12 @@ def test_best_follows_the_metric_direction():
     assert state.better("top1", 0.6, "max") and not state.better("top1", 0.4, "max")
 
 
-def test_saves_after_evaluations_every_n_steps_and_at_the_last_step(tmp_path):
-    manager = CheckpointManager(tmp_path, CheckpointConfig(every_steps=4, keep_last=2))
-    due = [s for s in range(1, 13) if manager.due(s, evaluated=s % 5 == 0, final=s == 11)]
+def test_saves_after_evaluations_every_n_steps_and_at_the_last_step():
+    every = CheckpointConfig(every_steps=4, keep_last=2)
+    due = [s for s in range(1, 13) if save_due(every, s, evaluated=s % 5 == 0, final=s == 11)]
     assert due == [4, 5, 8, 10, 11, 12]
-    never = CheckpointManager(tmp_path, CheckpointConfig(every_steps=0, keep_last=2))
-    assert [s for s in range(1, 9) if never.due(s, evaluated=False, final=s == 8)] == [8]
+    never = CheckpointConfig(every_steps=0, keep_last=2)
+    assert [s for s in range(1, 9) if save_due(never, s, evaluated=False, final=s == 8)] == [8]
 
 
 def fake_tag(ckpt_dir, step: int, ranks: int = 2, complete: bool = True):
@@ -68,7 +66,7 @@ def fake_tag(ckpt_dir, step: int, ranks: int = 2, complete: bool = True):
     for r in range(ranks):
         (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
     if complete:
-        (tag / STATE_FILE).write_text("{}")
+        (tag / STATE_FILE).write_text(json.dumps(TrainState("finetune", step=step).to_dict()))
     return tag
 
 

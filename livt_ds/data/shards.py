@@ -55,6 +55,8 @@ def load_meta(shard_dir: str | Path, remote: RemoteOptions = DEFAULT_OPTIONS) ->
 
     ``shard_dir`` may be a URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:...{}...``): see :mod:`remote`.
     """
+    if not str(shard_dir):
+        raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
     if is_url(shard_dir):
         return _check_meta(_read_remote_meta(str(shard_dir), remote), join(shard_dir, META_NAME), str(shard_dir))
     shard_dir = local_path(shard_dir)

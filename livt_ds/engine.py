@@ -210,6 +210,7 @@ class Trainer:
             for micro, (images, labels) in enumerate(loader, start=1):
                 if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
                     apply_lr(self.optimizer, s.lr(state.step))
+                    self.task.set_epoch(s.epoch_of(state.step))
                 self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
                 if micro % s.accumulation == 0:
                     state.step += 1

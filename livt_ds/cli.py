@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(sub.add_parser("pretrain", help="MGP: masked generative pretraining"), training=True)
     _run_args(sub.add_parser("finetune", help="BFT: balanced fine-tuning (model.init = an MGP run or export)"),
               training=True)
-    _run_args(sub.add_parser("eval", help="evaluate a BFT run or export (model.init) on data.path"), training=False)
+    evaluation = sub.add_parser("eval", help="evaluate a BFT run or export (model.init) on data.path")
+    _run_args(evaluation, training=False)
+    evaluation.add_argument("--split", default=None,
+                            help="split of data.path to evaluate (default data.eval_split); 'test' reads the test "
+                                 "split")
     export = sub.add_parser("export", help="consolidated fp32 weights of a run, loadable without DeepSpeed")
     export.add_argument("run", help="run folder (holding checkpoints/)")
     export.add_argument("--output", default=None, help="default RUN/export")
@@ -145,7 +149,7 @@ def _run_distributed(args: argparse.Namespace, recipe) -> int:
     if args.command == "eval":
         from livt_ds.evaluate import run_eval
 
-        metrics = run_eval(recipe, ds_config, args.output)
+        metrics = run_eval(recipe, ds_config, args.output, split=args.split)
         if dist.is_main():
             from livt_ds.report import prior_table_text
 

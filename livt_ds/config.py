@@ -48,7 +48,8 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a shard set folder made by scripts/make_shards.py, or its URL (http(s)://, s3://, gs://, pipe:)
     train_split: str = "train"
-    eval_split: str = "val"
+    eval_split: str = "val"  # evaluations during training, and the choice of the best checkpoint, read this split
+    test_split: str | None = "auto"  # read once at the end of BFT; auto: meta.json's test split; null: none
     num_workers: int = 4
     mean: list[float] | None = None  # None: meta.json's measured mean, else ImageNet's
     std: list[float] | None = None

@@ -27,7 +27,7 @@ from livt_ds.config import ConfigError
 
 # Keys whose change does not change what is trained: how often to evaluate, log and save, and where to stop.
 BOOKKEEPING_SECTIONS = ("eval.", "log.", "checkpoint.")
-BOOKKEEPING_KEYS = ("train.stop_after_steps",)
+BOOKKEEPING_KEYS = ("train.stop_after_steps", "data.test_split")  # data.test_split: read after training
 PACKAGES = ("livt-ds", "torch", "deepspeed", "timm", "webdataset")
 
 

@@ -25,6 +25,7 @@ from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_repo
 from livt_ds.models.registry import build_classifier, build_mae
 from livt_ds.models.vit import load_encoder_weights
 from livt_ds.priors import expected_accuracy, prior_adjustment, resolve_prior, standard_prior_names
+from livt_ds.test_split import resolve_test_split
 from livt_ds.weights import load_weights
 
 Forward = Callable[[torch.Tensor], Any]
@@ -160,6 +161,7 @@ class FinetuneTask:
         a, lo = recipe.augment, recipe.loss
         self.mixup = transforms.build_mixup(self.num_classes, a.mixup, a.cutmix, a.label_smoothing)
         check_loss_targets(recipe)
+        self.test_split = resolve_test_split(recipe, meta)  # read once, at the end of a run (test_split.py)
         drw_epoch = default_drw_epoch(recipe.train.epochs) if lo.drw_epoch is None else lo.drw_epoch
         self.criterion = build_loss(lo.name, self.class_counts, tau=lo.tau, test_prior=lo.test_prior, gamma=lo.gamma,
                                     beta=lo.beta, max_margin=lo.max_margin, scale=lo.scale, drw_epoch=drw_epoch)

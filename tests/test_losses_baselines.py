@@ -163,3 +163,16 @@ def test_prior_adjustment_of_the_new_losses_by_hand() -> None:
     assert prior_adjustment(COUNTS, "focal", torch.tensor(pi_t)).tolist() == pytest.approx(expected_plain, abs=1e-5)
     no_drw = prior_adjustment(COUNTS, "ldam", torch.tensor(pi_t), beta=0.99, reweighted=False)
     assert no_drw.tolist() == pytest.approx(expected_plain, abs=1e-5)
+
+
+def test_resuming_a_checkpoint_saved_before_the_new_keys_is_not_a_recipe_change() -> None:
+    from livt_ds.config import recipe_to_dict
+    from livt_ds.provenance import check_resume_recipe
+
+    new = recipe_to_dict(load_recipe(None, ["data.path=x"]))
+    old = {**new, "loss": {"name": "bal_bce", "tau": 1.0, "test_prior": None},
+           "data": {k: v for k, v in new["data"].items() if k != "test_split"}}
+    assert check_resume_recipe(old, new, allow=False, checkpoint="c", output="o") == {}
+    with pytest.raises(ConfigError, match="loss.gamma: 2.0 -> 1.0"):
+        changed = {**new, "loss": {**new["loss"], "gamma": 1.0}}
+        check_resume_recipe(old, changed, allow=False, checkpoint="c", output="o")

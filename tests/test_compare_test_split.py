@@ -8,6 +8,7 @@ import yaml
 from test_compare import COUNTS, NAMES, _fake_run
 
 from livt_ds import compare
+from livt_ds.cli import main as cli_main
 
 
 def _with_test(run, top1_best: float, top1_last: float) -> None:
@@ -65,10 +66,10 @@ def test_compare_shows_test_numbers_and_new_loss_settings(tmp_path, capsys) -> N
     assert (cells["beta"], cells["margin"], cells["scale"], cells["gamma"]) == ("0.9999", "0.5", "30.0", "\u2013")
 
 
-def test_no_test_section_without_test_numbers(tmp_path) -> None:
+def test_livt_compare_without_test_numbers_has_no_test_section(tmp_path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "meta.json").write_text(json.dumps({"num_classes": len(COUNTS), "class_counts": COUNTS}))
     run = _fake_run(tmp_path, "ce", 1.0, "ce", 0)
-    assert compare.main([str(run), "--output", str(tmp_path / "docs")]) == 0
+    assert cli_main(["compare", str(run), "--output", str(tmp_path / "docs")]) == 0  # livt compare
     assert "Test split" not in (tmp_path / "docs" / "loss_comparison.md").read_text()

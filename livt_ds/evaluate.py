@@ -66,8 +66,10 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str
     meta = load_meta(recipe.data.path, remote)
     split = split or recipe.data.eval_split
     if split not in meta.get("splits", {}):
+        declared = meta.get("test_split")
+        hint = f"; its test set is the split '{declared}' (meta.json test_split)" if declared else ""
         raise ConfigError(f"--split {split}: the shard set {recipe.data.path} has no such split (its splits: "
-                          f"{sorted(meta.get('splits', {}))})")
+                          f"{sorted(meta.get('splits', {}))}){hint}")
     task = FinetuneTask(recipe, meta)
     model = task.build_model()
     missing = task.init_report["missing"]

@@ -54,10 +54,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from livt_ds.losses import LOSS_NAMES, class_balanced_weights, logit_bias
+from livt_ds.losses import LOSS_NAMES, class_balanced_weights, default_drw_epoch, logit_bias
 
 __all__ = ["STANDARD_IMBALANCES", "standard_prior_names", "profile_prior", "load_prior_file", "resolve_prior",
-           "prior_adjustment", "expected_accuracy", "class_rank"]
+           "prior_adjustment", "recipe_prior_adjustment", "expected_accuracy", "class_rank"]
 
 STANDARD_IMBALANCES = (2, 5, 10, 25, 50)
 _PROFILE_RE = re.compile(r"^(forward|backward)-(\d+(?:\.\d+)?)$")
@@ -168,6 +168,17 @@ def prior_adjustment(
     else:  # the plain loss fits the training prior: B(pi, pi) = 0, tau = 1
         trained_for, tau = torch.zeros(len(class_counts), dtype=torch.float64), 1.0
     return (trained_for - logit_bias(class_counts, kind, tau=tau, test_prior=pi_t).double()).float()
+
+
+def recipe_prior_adjustment(class_counts: Sequence[int], recipe: dict, test_prior: Tensor | Sequence[float]) -> Tensor:
+    """``prior_adjustment`` for a model trained with ``recipe`` (a recipe dict: a run's config.yaml, an export's
+    ``livt.recipe``): its loss keys, and whether LDAM's deferred re-weighting ran (``loss.drw_epoch`` < epochs)."""
+    loss, epochs = recipe.get("loss", {}), int(recipe.get("train", {}).get("epochs", 1))
+    drw_epoch = loss.get("drw_epoch")
+    drw_epoch = default_drw_epoch(epochs) if drw_epoch is None else int(drw_epoch)
+    return prior_adjustment(class_counts, loss["name"], test_prior, tau=loss.get("tau", 1.0),
+                            loss_test_prior=loss.get("test_prior"), beta=loss.get("beta", 0.9999),
+                            reweighted=drw_epoch < epochs)
 
 
 def expected_accuracy(per_class: Sequence[float | None], prior: Tensor | Sequence[float]) -> float | None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from livt_ds import dist
 from livt_ds.checkpoint import CheckpointError
-from livt_ds.config import Recipe, check_loss_targets
+from livt_ds.config import Recipe, check_loss_targets, recipe_to_dict
 from livt_ds.console import held_output
 from livt_ds.data import transforms
 from livt_ds.data.pipeline import settle_feeder_threads
@@ -24,7 +24,7 @@ from livt_ds.losses import build_loss, default_drw_epoch
 from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
 from livt_ds.models.registry import build_classifier, build_mae
 from livt_ds.models.vit import load_encoder_weights
-from livt_ds.priors import expected_accuracy, prior_adjustment, resolve_prior, standard_prior_names
+from livt_ds.priors import expected_accuracy, recipe_prior_adjustment, resolve_prior, standard_prior_names
 from livt_ds.test_split import resolve_test_split
 from livt_ds.weights import load_weights
 
@@ -167,10 +167,9 @@ class FinetuneTask:
                                     beta=lo.beta, max_margin=lo.max_margin, scale=lo.scale, drw_epoch=drw_epoch)
         names = [*standard_prior_names(), *(p for p in recipe.eval.test_priors if p not in standard_prior_names())]
         self.test_priors = {name: resolve_prior(name, self.class_counts, meta.get("classes")) for name in names}
-        self.prior_adjustments = torch.stack([
-            prior_adjustment(self.class_counts, lo.name, prior, tau=lo.tau, loss_test_prior=lo.test_prior,
-                             beta=lo.beta, reweighted=drw_epoch < recipe.train.epochs)
-            for prior in self.test_priors.values()])
+        trained_with = recipe_to_dict(recipe)
+        self.prior_adjustments = torch.stack([recipe_prior_adjustment(self.class_counts, trained_with, prior)
+                                              for prior in self.test_priors.values()])
 
     def build_model(self) -> nn.Module:
         m = self.recipe.model

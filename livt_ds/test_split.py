@@ -26,7 +26,7 @@ import torch
 from livt_ds import dist
 from livt_ds.checkpoint import checkpoint_dir, step_tag
 from livt_ds.config import ConfigError, Recipe
-from livt_ds.train_state import TrainState, write_json_atomic
+from livt_ds.train_state import TrainState, write_json_atomic, write_status
 
 __all__ = ["AUTO", "TEST_METRICS_NAME", "resolve_test_split", "evaluate_test_once", "test_summary"]
 
@@ -101,6 +101,8 @@ def evaluate_test_once(task, recipe: Recipe, output: str | Path, remote, state: 
     last_tag, best_tag = step_tag(state.step), state.best.tag if state.best else None
     if not finished or split is None or _already_read(output, last_tag):
         return None
+    if dist.is_main():
+        write_status(output, "eval", state.step)
     ds_config = output / "ds_config.json"
     bf16 = ds_config.is_file() and bool(json.loads(ds_config.read_text()).get("bf16", {}).get("enabled"))
     ckpt = checkpoint_dir(output)

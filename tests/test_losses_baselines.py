@@ -176,3 +176,18 @@ def test_resuming_a_checkpoint_saved_before_the_new_keys_is_not_a_recipe_change(
     with pytest.raises(ConfigError, match="loss.gamma: 2.0 -> 1.0"):
         changed = {**new, "loss": {**new["loss"], "gamma": 1.0}}
         check_resume_recipe(old, changed, allow=False, checkpoint="c", output="o")
+
+
+def test_recipe_prior_adjustment_reads_the_loss_keys_and_whether_drw_ran() -> None:
+    from livt_ds.config import recipe_to_dict
+    from livt_ds.priors import recipe_prior_adjustment
+
+    prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    hard = ["augment.mixup=0", "augment.cutmix=0", "augment.label_smoothing=0", "train.epochs=10"]
+    ldam = recipe_to_dict(load_recipe(None, ["loss.name=ldam", "loss.beta=0.99", *hard]))
+    assert torch.equal(recipe_prior_adjustment(COUNTS, ldam, prior),
+                       prior_adjustment(COUNTS, "ldam", prior, beta=0.99, reweighted=True))
+    no_drw = recipe_to_dict(load_recipe(None, ["loss.name=ldam", "loss.drw_epoch=10", *hard]))
+    assert torch.equal(recipe_prior_adjustment(COUNTS, no_drw, prior), prior_adjustment(COUNTS, "focal", prior))
+    bal = recipe_to_dict(load_recipe(None, ["loss.name=bal_ce", "loss.tau=0.5"]))
+    assert torch.equal(recipe_prior_adjustment(COUNTS, bal, prior), prior_adjustment(COUNTS, "bal_ce", prior, tau=0.5))

@@ -209,8 +209,14 @@ class FinetuneTask:
         return self.criterion.to(logits.device)(logits, targets.to(logits.device))
 
     def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.criterion, "set_epoch"):
-            self.criterion.set_epoch(epoch)
+        """Passed on to a loss that changes with the epoch (LDAM-DRW), which says when it starts re-weighting."""
+        if not hasattr(self.criterion, "set_epoch"):
+            return
+        before = self.criterion.reweighting
+        self.criterion.set_epoch(epoch)
+        if self.criterion.reweighting and not before and dist.is_main():
+            print(f"[livt] epoch {epoch}: LDAM-DRW re-weights with the class-balanced weights from here on "
+                  f"(loss.drw_epoch {self.criterion.drw_epoch})", flush=True)
 
     @torch.no_grad()
     def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:

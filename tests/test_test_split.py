@@ -53,6 +53,8 @@ def test_finetune_reads_test_once_at_the_end_and_livt_eval_reproduces_it(three_s
     hard_labels = ["augment.mixup=0", "augment.cutmix=0", "augment.label_smoothing=0"]
     result = run_livt(["finetune", *BFT_ARGS, "--output", str(run), f"data.path={three_split_shards}", "model.init=",
                        "loss.name=ldam", "loss.scale=5", *hard_labels])
+    console = result.stdout + result.stderr
+    assert console.count("LDAM-DRW re-weights") == 1 and "epoch 1: LDAM-DRW" in console  # 80 % of 2 epochs
     record = json.loads((run / "test_metrics.json").read_text())
     assert record["split"] == "test" and record["eval_split"] == "val"
     for name in ("best_on_val", "last"):
@@ -65,7 +67,7 @@ def test_finetune_reads_test_once_at_the_end_and_livt_eval_reproduces_it(three_s
     best_step = max(evals, key=lambda r: (r["eval/top1"], -r["step"]))["step"]
     assert record["best_on_val"]["checkpoint"] == f"step{best_step:08d}"
     assert json.loads((run / "metrics.json").read_text())["num_samples"] == 20
-    assert "test split 'test', read once" in result.stdout + result.stderr
+    assert "test split 'test', read once" in console
     # `livt eval --split test` on the checkpoint chosen on val gives the numbers of test_metrics.json
     tag = record["best_on_val"]["checkpoint"]
     again = tmp_path / "eval"

@@ -28,7 +28,7 @@ from livt_ds.data.pipeline import StreamPosition, settle_feeder_threads, skipped
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.errors import NonFiniteLossError
-from livt_ds.evaluate import evaluate, save_evaluation
+from livt_ds.evaluate import evaluate, evaluate_test_once, save_evaluation
 from livt_ds.optim import apply_lr, param_groups
 from livt_ds.run_files import write_run_files, write_status
 from livt_ds.run_log import Logger
@@ -132,33 +132,37 @@ def train(run: Run, state: TrainState) -> TrainState:
     """Train from ``state`` to the launch's end (or a SIGTERM: then a checkpoint); returns the state reached."""
     recipe, schedule, engine, task = run.recipe, run.schedule, run.engine, run.task
     window = LossWindow(engine.device, schedule.accumulation)
-    with launch_record(run, state) as sigterm, contextlib.closing(micro_batches(run, state.step)) as batches:
-        engine.train()
-        while state.step < run.end:
-            apply_lr(run.optimizer, schedule.lr(state.step))
-            for _ in range(schedule.accumulation):
-                images, labels = next(batches)
-                images, targets = task.prepare_batch(images.to(engine.device, non_blocking=True),
-                                                     labels.to(engine.device, non_blocking=True))
-                loss = task.loss(engine, images.to(run.dtype), targets)  # forward
-                engine.backward(loss)
-                engine.step()  # the optimizer steps at the last micro-batch of the accumulation
-                window.add(loss, state.step)
-            state.advance(run.position(state.step + 1))
-            run.log.advance()
-            step = state.step
-            if step % recipe.log.every_steps == 0 or step == run.end:
-                log_training(run, state, window)
-            evaluated = schedule.evaluation_due(step, recipe.eval.every)
-            if evaluated:
-                evaluate_and_keep_best(run, state, window)
-            stop = dist.any_rank(sigterm.is_set())  # SIGTERM reached some rank: every rank stops here
-            if checkpoint.save_due(recipe.checkpoint, step, evaluated=evaluated, final=stop or step >= run.end):
-                save(run, state, window)
-            if stop:
-                sigterm.set()
-                run.log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
-                break
+    with launch_record(run, state) as sigterm:
+        with contextlib.closing(micro_batches(run, state.step)) as batches:
+            engine.train()
+            while state.step < run.end:
+                apply_lr(run.optimizer, schedule.lr(state.step))
+                task.set_epoch(schedule.epoch_of(state.step))
+                for _ in range(schedule.accumulation):
+                    images, labels = next(batches)
+                    images, targets = task.prepare_batch(images.to(engine.device, non_blocking=True),
+                                                         labels.to(engine.device, non_blocking=True))
+                    loss = task.loss(engine, images.to(run.dtype), targets)  # forward
+                    engine.backward(loss)
+                    engine.step()  # the optimizer steps at the last micro-batch of the accumulation
+                    window.add(loss, state.step)
+                state.advance(run.position(state.step + 1))
+                run.log.advance()
+                step = state.step
+                if step % recipe.log.every_steps == 0 or step == run.end:
+                    log_training(run, state, window)
+                evaluated = schedule.evaluation_due(step, recipe.eval.every)
+                if evaluated:
+                    evaluate_and_keep_best(run, state, window)
+                stop = dist.any_rank(sigterm.is_set())  # SIGTERM reached some rank: every rank stops here
+                if checkpoint.save_due(recipe.checkpoint, step, evaluated=evaluated, final=stop or step >= run.end):
+                    save(run, state, window)
+                if stop:
+                    sigterm.set()
+                    run.log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
+                    break
+        evaluate_test_once(task, recipe, run.output, run.remote, state, run.log,
+                           finished=state.step >= schedule.total_steps)
     return state
 
 

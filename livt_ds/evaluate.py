@@ -9,6 +9,8 @@ config enables bf16.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,22 +19,33 @@ from typing import Any
 import torch
 
 from livt_ds import dist
+from livt_ds.checkpoint import checkpoint_dir, step_tag
 from livt_ds.config import Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.errors import CheckpointError, ConfigError
 from livt_ds.report import save_images
-from livt_ds.run_files import BEST_METRICS, CONFIG, EVAL_METRICS, PLOTS, write_json_atomic
+from livt_ds.run_files import (
+    BEST_METRICS,
+    CONFIG,
+    DS_CONFIG,
+    EVAL_METRICS,
+    PLOTS,
+    TEST_METRICS,
+    write_json_atomic,
+    write_status,
+)
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task
+from livt_ds.train_state import TrainState
 from livt_ds.weights import weights_provenance
 
 
 def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
-             cast: Callable[[torch.Tensor], torch.Tensor]) -> EvalResult:
-    """``task.evaluate`` over ``recipe.data.eval_split``, sharded over the ranks (a collective)."""
-    loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=task.eval_transform(),
+             cast: Callable[[torch.Tensor], torch.Tensor], split: str | None = None) -> EvalResult:
+    """``task.evaluate`` over ``split`` (default ``recipe.data.eval_split``), sharded over the ranks (a collective)."""
+    loader = eval_loader(recipe.data.path, split=split or recipe.data.eval_split, transform=task.eval_transform(),
                          batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
                          rank=dist.rank(), world_size=dist.world_size(), remote=remote)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
@@ -54,12 +67,21 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
     save_images(result.images, output / PLOTS, step)
 
 
-def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
+def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str | None = None) -> dict[str, Any]:
+    """`livt eval`: the model of ``model.init`` on ``split`` (default ``data.eval_split``; ``test`` reads the test
+    split) -> OUTPUT/metrics.json."""
     if not recipe.model.init:
         raise ConfigError("livt eval needs model.init=RUN_OR_EXPORT (a BFT run folder, checkpoint or export .pt)")
     output = Path(output)
     remote = RemoteOptions.from_config(recipe.data)
-    task = FinetuneTask(recipe, load_meta(recipe.data.path, remote))
+    meta = load_meta(recipe.data.path, remote)
+    split = split or recipe.data.eval_split
+    if split not in meta.get("splits", {}):
+        declared = meta.get("test_split")
+        hint = f"; its test set is the split '{declared}' (meta.json test_split)" if declared else ""
+        raise ConfigError(f"--split {split}: the shard set {recipe.data.path} has no such split (its splits: "
+                          f"{sorted(meta.get('splits', {}))}){hint}")
+    task = FinetuneTask(recipe, meta)
     model = task.build_model()
     missing = task.init_report["missing"]
     if missing:
@@ -73,7 +95,8 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
             return model(images)
 
-    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True))
+    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+    result.metrics["split"] = split
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)
@@ -84,3 +107,77 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
     finally:
         log.close()
     return result.metrics
+
+
+# ---------------------------------------------------------------------------------------------- the test split, once
+SHOWN = ("top1", "many", "medium", "few", "ece")
+
+
+def _metrics_path(output: Path) -> Path:
+    return output / TEST_METRICS
+
+
+def _already_read(output: Path, last_tag: str) -> bool:
+    path = _metrics_path(output)
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("last", {}).get("checkpoint") == last_tag
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _checkpoint_metrics(task, recipe: Recipe, tag_dir: Path, split: str, remote, bf16: bool) -> dict[str, Any]:
+    """Metrics of the checkpoint ``tag_dir`` on ``split``: its fp32 weights in a plain module on every rank."""
+    loaded = FinetuneTask(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, init=str(tag_dir))),
+                          task.meta)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = loaded.build_model().to(device).eval()
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else nullcontext():
+            return model(images)
+
+    result = evaluate(loaded, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+    return result.metrics
+
+
+def evaluate_test_once(task, recipe: Recipe, output: str | Path, remote, state: TrainState, log, *,
+                       finished: bool) -> dict[str, Any] | None:
+    """At the end of a finished fine-tuning run (every rank calls it): the checkpoint chosen on val
+    (``state.best``) and the last one (``state.step``, saved at the end), each evaluated once on the test split ->
+    ``RUN/test_metrics.json``, the log and the console.
+
+    Does nothing for an MGP run, a run that stopped early, a set without a test split or a test already read."""
+    split = getattr(task, "test_split", None)
+    output = Path(output)
+    last_tag, best_tag = step_tag(state.step), state.best.tag if state.best else None
+    if not finished or split is None or _already_read(output, last_tag):
+        return None
+    if dist.is_main():
+        write_status(output, "eval", state.step)
+    ds_config = output / DS_CONFIG
+    bf16 = ds_config.is_file() and bool(json.loads(ds_config.read_text()).get("bf16", {}).get("enabled"))
+    ckpt = checkpoint_dir(output)
+    last = _checkpoint_metrics(task, recipe, ckpt / last_tag, split, remote, bf16)
+    best_tag = best_tag or last_tag
+    best = last if best_tag == last_tag else _checkpoint_metrics(task, recipe, ckpt / best_tag, split, remote, bf16)
+    record = {"split": split, "eval_split": recipe.data.eval_split,
+              "best_on_val": {"checkpoint": best_tag, **best}, "last": {"checkpoint": last_tag, **last}}
+    for name in ("best_on_val", "last"):
+        log.scalars(state.step, {k: record[name][k] for k in SHOWN if isinstance(record[name].get(k), float)},
+                    prefix=f"test/{name}/")
+    if dist.is_main():
+        write_json_atomic(_metrics_path(output), record)
+    log.message(test_summary(record))
+    return record
+
+
+def test_summary(record: dict[str, Any]) -> str:
+    """A header and one line per checkpoint: ``best on val (step00000040): top1 61.2, many ...``."""
+    lines = [f"test split '{record['split']}', read once:"]
+    for name, label in (("best_on_val", "best on val"), ("last", "last")):
+        m = record[name]
+        values = ", ".join(f"{k} {m[k]:.4g}" for k in SHOWN if isinstance(m.get(k), (int, float)))
+        lines.append(f"  {label} ({m.get('checkpoint')}): {values}, {m.get('num_samples')} images")
+    return "\n".join(lines)

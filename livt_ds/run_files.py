@@ -8,6 +8,7 @@ RUN/status.json          the phase (below)              RUN/plots/             e
 RUN/history.jsonl        one line per launch start/end  RUN/run.lock           held by the live launch
 RUN/checkpoints/<tag>/   ZeRO files + train_state.json  RUN/checkpoints/latest the newest complete tag
 RUN/export/              model.safetensors + config.json
+RUN/test_metrics.json    the test split, read once at the end
 ```
 
 Files other processes read while the run goes on are replaced atomically (:func:`write_text_atomic`): a reader, or
@@ -40,6 +41,7 @@ LOCK = "run.lock"
 METRICS_LOG = "metrics.jsonl"
 EVAL_METRICS = "metrics.json"
 BEST_METRICS = "best_metrics.json"
+TEST_METRICS = "test_metrics.json"  # the test split, read once at the end of a fine-tuning run
 PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # in CHECKPOINTS

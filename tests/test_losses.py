@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from livt_ds.losses import HARD_LABEL_LOSSES, LOSS_NAMES, build_loss, logit_bias
+from livt_ds.config import HARD_LABEL_LOSSES, LOSS_NAMES
+from livt_ds.losses import build_loss, logit_bias
 
 COUNTS = [60, 30, 10]  # N = 100, pi = (0.6, 0.3, 0.1)
 

@@ -133,7 +133,7 @@ class Trainer:
         """Train to the end (or a stop); returns the best evaluation ({} when none)."""
         try:
             self._claim_run_folder()
-            self.plan = checkpoint.plan_resume(self.output, self.resume, self.world)
+            self.plan = checkpoint.agree_on_resume(self.output, self.resume, self.world)
             if self.plan is not None:
                 self._check_recipe_change()
             self._write_run_files()

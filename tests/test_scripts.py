@@ -125,3 +125,12 @@ def test_sbatch_example_starts_one_task_per_gpu_with_srun(tmp_path):
                                   "--output", "/shared/runs/x", "train.epochs=2"]
     missing = dry_run(tmp_path, script="slurm_train.sbatch", fake="srun")
     assert missing.returncode != 0 and "OUTPUT" in missing.stderr
+
+
+def test_scaling_doc_holds_the_tables_the_model_prints():
+    """docs/scaling.md's tables are scripts/scaling_model.py's output on today's recipes (regenerate on change)."""
+    result = subprocess.run([sys.executable, "scripts/scaling_model.py"], cwd=REPO, env=script_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| mgp_vit_large_imagenet_lt | 4096 | 0.0024 | 128 x 4 | 128 x 2 | 128 x 1 |" in result.stdout
+    assert result.stdout.strip() in (REPO / "docs" / "scaling.md").read_text()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import os
 import re
 import shutil
 import socket
@@ -34,6 +35,7 @@ from livt_ds.seeding import rng_state, set_rng_state
 from livt_ds.train_state import StateError, TrainState, write_json_atomic, write_text_atomic
 
 TAG_RE = re.compile(r"^step(\d{8})$")
+SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # one ZeRO optimizer shard per rank
 STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
 
 
@@ -208,7 +210,7 @@ def not_shared_message(problems: list[tuple[int, str, str, str]], main_dir: str,
     """One message for every rank: which ranks (rank, host, the folder as they see it) miss what rank 0 wrote."""
     shown = "; ".join(f"rank {rank} on {host} ({folder}): {what}" for rank, host, folder, what in problems[:4])
     more = f"; and {len(problems) - 4} more ranks" if len(problems) > 4 else ""
-    return (f"{len(problems)} rank(s) cannot read the run folder rank 0 on {main_host} uses ({main_dir}) at {when}: "
+    return (f"{len(problems)} rank(s) cannot read what rank 0 on {main_host} wrote in {main_dir} at {when}: "
             f"{shown}{more}. Every node must see the same output folder: put --output on a filesystem all nodes "
             "share (an absolute path there), or copy the checkpoints to each node before a resume.")
 
@@ -216,8 +218,13 @@ def not_shared_message(problems: list[tuple[int, str, str, str]], main_dir: str,
 def check_every_rank_saved(tag_dir: Path, world: int) -> None:
     """After a save (a collective): every rank sees every rank's optimizer shard in ``tag_dir``, so a checkpoint split
     over nodes that do not share the output folder is refused before it is marked complete."""
-    missing = [r for r in range(world) if not glob.glob(str(tag_dir / f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))]
-    if not glob.glob(str(tag_dir / "*mp_rank_00_model_states.pt")):
+    try:
+        names = os.listdir(tag_dir)  # one listing per rank, not one per file: cheap on a parallel filesystem
+    except OSError:
+        names = []
+    seen = {int(m.group(1)) for m in map(SHARD_RE.search, names) if m}
+    missing: list = [r for r in range(world) if r not in seen]
+    if not any(name.endswith("mp_rank_00_model_states.pt") for name in names):
         missing.append("the model states")
     problem = f"sees no files of rank(s) {', '.join(map(str, missing))}" if missing else None
     problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(tag_dir.resolve()), problem))

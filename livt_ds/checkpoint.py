@@ -159,12 +159,13 @@ def agree_on_resume(run_dir: str | Path, resume: str, world: int) -> ResumePlan 
             plan = plan_resume(run_dir, resume, world)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / SHARED_MARK, token)
-        except (CheckpointError, OSError) as exc:
-            error = str(exc)
+        except Exception as exc:  # raised on every rank below, so no rank waits for a broadcast that never comes
+            error = exc if isinstance(exc, CheckpointError) else CheckpointError(f"{run_dir}: {type(exc).__name__}: "
+                                                                                 f"{exc}")
         decision = (plan, error, token, str(run_dir.resolve()), socket.gethostname())
     plan, error, token, main_dir, main_host = dist.broadcast_object(decision)
-    if error:
-        raise CheckpointError(error)
+    if error is not None:
+        raise error
     problem = unreadable_on_this_rank(run_dir, token, plan, dist.rank())
     problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(run_dir.resolve()), problem))
     if dist.is_main():

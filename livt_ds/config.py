@@ -336,9 +336,6 @@ class BatchPlan:
     def global_batch(self) -> int:
         return self.micro * self.accumulation * self.world
 
-    def describe(self) -> str:
-        return f"batch {self.global_batch} = micro {self.micro} x accumulation {self.accumulation} x {self.world} ranks"
-
 
 def largest_micro(batch: int, world: int, ceiling: int) -> int | None:
     """The largest micro-batch m <= ``ceiling`` with m x accumulation x ``world`` == ``batch`` for a whole

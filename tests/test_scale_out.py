@@ -18,6 +18,7 @@ from conftest import REPO, free_port, launcher_env, run_livt, train_losses
 from livt_ds.checkpoint import (
     CheckpointError,
     ResumePlan,
+    agree_on_resume,
     check_every_rank_saved,
     unreadable_on_this_rank,
 )
@@ -137,3 +138,10 @@ def test_a_save_that_misses_a_rank_is_refused(two_rank_checkpoint):
     with pytest.raises(CheckpointError, match=r"1 rank\(s\) .* at the save of step\d+: rank 0 on .*: sees no files of "
                        r"rank\(s\) 0\."):
         check_every_rank_saved(tag_dir, 2)
+
+
+def test_one_process_agrees_with_itself_and_leaves_no_mark(tmp_path):
+    assert agree_on_resume(tmp_path / "run", "auto", 1) is None
+    assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())
+    with pytest.raises(CheckpointError, match="neither a run folder"):  # rank 0's error, raised on every rank
+        agree_on_resume(tmp_path / "run", str(tmp_path / "nothing"), 1)

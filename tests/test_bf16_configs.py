@@ -129,7 +129,7 @@ def test_export_gives_the_engine_eval_metrics(chain):
     assert plain["num_samples"] == engine["num_samples"] == 20
     for key in ("top1", "many", "medium", "few"):
         assert plain[key] == engine[key], key
-    assert plain["ece"] == pytest.approx(engine["ece"], abs=2e-2)  # engine logits are bf16, the export runs fp32
+    assert plain["ece"] == pytest.approx(engine["ece"], abs=2e-2)  # the engine's trunk runs bf16, the export fp32
 
 
 def test_gradients_accumulate_in_fp32_on_every_shipped_bf16_config(tmp_path):

@@ -259,7 +259,7 @@ def test_engine_and_eager_loops_train_alike():
     for name, runner in runners.items():
         batches = synthetic_batches(8, recipe.model.img_size, 10, device)
         seed_everything(0)  # drop path draws the same masks on every path
-        losses[name] = [float(runner.step(*next(batches))) for _ in range(4)]
+        losses[name] = [float(runner.step(*next(batches)).detach()) for _ in range(4)]
         runner.close()
     assert losses["engine"][0] != losses["engine"][-1]
     for name in ("amp-fused", "pure-foreach"):

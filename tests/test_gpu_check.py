@@ -20,7 +20,7 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 SUMMARY = REPO / "scripts" / "gpu_check_summary.py"
 ORDER = ["bench_vit_large", "bench_vit_base", "e2e_zero1", "e2e_zero2", "e2e_zero3", "e2e_zero2_offload",
          "memory_vit_large"]
-LOAN_S = 8 * 60  # what the whole check may take on a 15-minute loan (start-up and installs take the rest)
+BUDGET_S = 8 * 60  # the whole check, out of 15 minutes of GPU time (machine start-up takes much of the rest)
 
 
 def gpu_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -51,7 +51,7 @@ def test_help_names_the_phases_and_options():
 def test_dry_run_plans_the_phases_in_order_within_the_loan_and_writes_nothing(tmp_path):
     phases, total = plan("--out", str(tmp_path / "out"))
     assert list(phases) == ORDER  # figures first, then one e2e phase per config, memory last
-    assert total == sum(limit for limit, _ in phases.values()) <= LOAN_S - 20  # 20 s for installs and nvidia-smi
+    assert total == sum(limit for limit, _ in phases.values()) <= BUDGET_S - 20  # 20 s for installs and nvidia-smi
     assert not (tmp_path / "out").exists()  # --dry-run creates nothing
     large = phases["bench_vit_large"][1]
     assert large[large.index("--ds-adam") + 1] == "config,torch-fused"

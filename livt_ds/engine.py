@@ -24,6 +24,7 @@ import torch
 from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import ResumePlan
 from livt_ds.config import Recipe, load_ds_config, recipe_to_dict, resolve_ds_config
+from livt_ds.cuda_arch import set_plain_cuda_arch_list
 from livt_ds.data.pipeline import StreamPosition, settle_feeder_threads, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
@@ -89,8 +90,8 @@ def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path
     lock = provenance.RunLock(output) if dist.is_main() else None
     dist.on_main(lambda: bool(lock.acquire()))  # every rank fails together when a live run holds the folder
     try:
-        plan = dist.on_main(lambda: checkpoint.plan_resume(output, resume, world, recipe=recipe, schedule=schedule,
-                                                           allow_recipe_change=allow_recipe_change))
+        plan = checkpoint.agree_on_resume(output, resume, world, recipe=recipe, schedule=schedule,
+                                          allow_recipe_change=allow_recipe_change)
         if dist.is_main():
             write_run_files(output, recipe, ds_config, {"stage": stage, "world_size": world,
                                                         "num_classes": meta.get("num_classes"),
@@ -123,6 +124,7 @@ def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     model = task.build_model()
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     groups = param_groups(model, weight_decay, recipe.train.layer_decay)
+    set_plain_cuda_arch_list()  # before DeepSpeed builds an op: it cannot parse torch's "9.0a"
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
     return engine, optimizer, dtype

@@ -33,9 +33,9 @@ from livt_ds.bench.settings import (  # noqa: E402
     resolve_settings,
 )
 from livt_ds.bench.table import failed, table  # noqa: E402
-from livt_ds.config import ConfigError  # noqa: E402
+from livt_ds.errors import ConfigError  # noqa: E402
 from livt_ds.models.registry import MODEL_SIZES  # noqa: E402
-from livt_ds.train_state import write_json_atomic  # noqa: E402
+from livt_ds.run_files import write_json_atomic  # noqa: E402
 
 
 def names(text: str) -> list[str]:

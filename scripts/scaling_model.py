@@ -15,7 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from livt_ds.config import ConfigError, base_lr, load_ds_config, load_recipe, plan_batch  # noqa: E402
+from livt_ds.config import base_lr, load_ds_config, load_recipe, plan_batch  # noqa: E402
+from livt_ds.errors import ConfigError  # noqa: E402
 from livt_ds.models.flops import flops_per_image  # noqa: E402
 from livt_ds.models.registry import get_size  # noqa: E402
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from livt_ds.config import ConfigError, load_ds_config, load_recipe, plan_batch, resolve_ds_config
+from livt_ds.config import load_ds_config, load_recipe, plan_batch, resolve_ds_config
+from livt_ds.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(REPO.glob("configs/*.yaml"))

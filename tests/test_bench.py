@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from livt_ds.bench.settings import BenchOptions, make_recipe, resolve_settings
-from livt_ds.config import ConfigError, load_recipe
+from livt_ds.config import load_recipe
 from livt_ds.data.synthetic import generate_shards
+from livt_ds.errors import ConfigError
 from livt_ds.models.flops import flops_per_image
 from livt_ds.seeding import seed_everything
 

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from livt_ds.bench.settings import ADAM_VARIANTS, EAGER_VARIANTS, REPO, Settings
-from livt_ds.config import ConfigError, Recipe, load_ds_config, resolve_ds_config
+from livt_ds.config import Recipe, load_ds_config, resolve_ds_config
 from livt_ds.engine import build_engine
+from livt_ds.errors import ConfigError
 from livt_ds.optim import apply_lr, param_groups
 from livt_ds.seeding import seed_everything
 from livt_ds.tasks import Task

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from livt_ds.config import ConfigError, ModelConfig, Recipe, load_recipe
+from livt_ds.config import ModelConfig, Recipe, load_recipe
 from livt_ds.cuda_arch import set_plain_cuda_arch_list
+from livt_ds.errors import ConfigError
 from livt_ds.models.registry import MODEL_SIZES
 from livt_ds.recipes import find, shipped_dir
 

@@ -17,7 +17,6 @@ from livt_ds.checkpoint import CheckpointError
 from livt_ds.config import Recipe
 from livt_ds.console import held_output
 from livt_ds.data import transforms
-from livt_ds.data.pipeline import settle_feeder_threads
 from livt_ds.data.shards import train_class_counts
 from livt_ds.data.transforms import normalisation
 from livt_ds.losses import build_loss
@@ -64,7 +63,6 @@ class Task(Protocol):
 def padded_eval_batches(loader: Iterable, img_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
     """Yield (images, labels, real) until every rank has run out; a rank that has run out gets a dummy batch
     (``real`` False) so that all ranks make the same number of forward calls (ZeRO-3 gathers weights in forward)."""
-    settle_feeder_threads()
     iterator = iter(loader)
     dummy = (torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long))
     while True:

@@ -254,17 +254,18 @@ def _drop(src: Iterable, n: int) -> Iterator:
 drop = wds.pipelinefilter(_drop)
 
 
-@contextlib.contextmanager
-def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
-    """Seed python ``random``, numpy's global RNG and torch's CPU generator; restore all three afterwards.
-
-    Only the CPU generator is touched (``torch.manual_seed`` would also reseed CUDA in the trainer's process).
-    ``restore=False`` skips the ~0.1 ms save/restore where nobody else uses the RNGs (DataLoader workers).
-    """
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
+def seed_rngs(seed: int) -> None:
+    """Seed python ``random``, numpy's global RNG and torch's CPU generator (not CUDA's) from ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rngs(active: bool = True) -> Iterator[None]:
+    """Restore python ``random``, numpy's global RNG and torch's CPU generator on exit (``active=False``: nothing,
+    where nobody else uses them, as in DataLoader workers; the save/restore costs ~0.1 ms)."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if active else None
     try:
         yield
     finally:
@@ -274,30 +275,47 @@ def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
             torch.set_rng_state(states[2])
 
 
-def _load(sample: dict, num_classes: int) -> tuple:
+@contextlib.contextmanager
+def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """:func:`seed_rngs` inside :func:`preserved_rngs`: the caller's RNG states come back afterwards."""
+    with preserved_rngs(restore):
+        seed_rngs(seed)
+        yield
+
+
+def _load(sample: dict, num_classes: int, decode: Callable[[bytes], object] = decode_image) -> tuple:
     label = decode_label(sample, num_classes)
-    return decode_image(sample[image_key(sample)]), label
+    return decode(sample[image_key(sample)]), label
 
 
 class _TrainBatch:
-    """Chunk of raw samples -> ``(images [B,3,H,W] float32, labels [B] int64)``, corrupt ones replaced."""
+    """Chunk of raw samples -> ``(images [B,3,H,W], labels [B] int64)``, corrupt ones replaced.
+
+    The image bytes go through ``transform.decode`` when the transform has one (it may draw random numbers, e.g.
+    a crop box chosen before a reduced-size decode), else through :func:`decode_image` to a PIL image; either way
+    inside the sample's seeded RNGs. A decode error is a corrupt sample (counted, skipped); a transform error is a
+    bug and propagates."""
 
     def __init__(self, transform: Callable, num_classes: int, seed_key: tuple[int, ...], handler: CountedSkip):
         self.transform, self.num_classes, self.seed_key, self.handler = transform, num_classes, seed_key, handler
+        self.decode = getattr(transform, "decode", decode_image)
 
     def __call__(self, chunk: list[dict]) -> tuple[Tensor, Tensor]:
+        in_process = get_worker_info() is None  # the trainer's own RNG states must survive the transforms
+        with preserved_rngs(in_process):  # saved and restored once per batch, not per sample
+            return self._batch(chunk)
+
+    def _batch(self, chunk: list[dict]) -> tuple[Tensor, Tensor]:
         images, labels, errors = [], [], []
-        in_process = get_worker_info() is None  # the trainer's own RNG states must survive the transform
         for sample in chunk:
+            seed_rngs(_mix(_SAMPLE, *self.seed_key, sample["__index__"]))
             try:
-                img, label = _load(sample, self.num_classes)
+                img, label = _load(sample, self.num_classes, self.decode)
             except Exception as exn:  # a corrupt sample is skipped (counted), never a crash
                 errors.append(exn)
                 self.handler(ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {exn!r}"))
                 continue
-            # Transform errors are bugs, not bad data: they propagate.
-            with seeded_rngs(_mix(_SAMPLE, *self.seed_key, sample["__index__"]), restore=in_process):
-                images.append(self.transform(img))
+            images.append(self.transform(img))  # transform errors are bugs, not bad data: they propagate
             labels.append(label)
         if not images:
             raise RuntimeError(

@@ -77,6 +77,16 @@ def test_workers_start_once_from_the_fork_server(shards):
     assert evals.multiprocessing_context.get_start_method() == "forkserver"
 
 
+def test_a_persistent_eval_loader_keeps_its_workers_and_repeats_every_sample(shards):
+    loader = eval_loader(shards, split="train", transform=pids, batch_size=2, num_workers=2, rank=0, world_size=1,
+                         return_keys=True, persistent=True)
+    passes = [list(loader) for _ in range(2)]
+    keys = [sorted(k for *_, ks in batches for k in ks) for batches in passes]
+    assert keys[0] == keys[1] and len(keys[0]) == 13  # every sample once, at each pass
+    workers = [{int(x[0, 0]) for x, *_ in batches} for batches in passes]
+    assert len(workers[0]) == 2 and workers[0] == workers[1]  # the same two processes both times
+
+
 def test_without_workers_the_stream_runs_in_process(shards):
     seen = batches(shards, epochs=2, workers=0, transform=pids)
     assert {int(x[0, 0]) for x, _ in seen} == {os.getpid()}

@@ -625,11 +625,13 @@ def eval_loader(
     return_keys: bool = False,
     pin_memory: bool = False,
     remote: RemoteOptions = DEFAULT_OPTIONS,
+    persistent: bool = False,
 ) -> DataLoader:
     """Evaluation batches ``(images [B,3,H,W], labels [B] int64)`` (``+ keys`` with ``return_keys``).
 
-    Across all ranks and workers every sample of ``split`` comes exactly once; ``len()`` is this rank's
-    batch count (ranks differ: pad with dummy steps before collective calls).
+    Across all ranks and workers every sample of ``split`` comes exactly once, at each iteration of the loader;
+    ``len()`` is this rank's batch count (ranks differ: pad with dummy steps before collective calls).
+    ``persistent``: the workers stay between iterations (a trainer evaluating again and again).
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     meta = load_meta(shard_dir, remote)
@@ -638,4 +640,4 @@ def eval_loader(
         transform=transform, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
         return_keys=return_keys, remote=remote,
     )  # fmt: skip
-    return _loader(stream, num_workers, pin_memory)
+    return _loader(stream, num_workers, pin_memory, persistent)

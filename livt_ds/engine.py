@@ -25,7 +25,7 @@ from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import ResumePlan
 from livt_ds.config import Recipe, load_ds_config, recipe_to_dict, resolve_ds_config
 from livt_ds.cuda_arch import set_plain_cuda_arch_list
-from livt_ds.data.pipeline import StreamPosition, settle_feeder_threads, skipped_samples, skipped_shards, train_loader
+from livt_ds.data.pipeline import StreamPosition, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.errors import NonFiniteLossError
@@ -169,15 +169,12 @@ def train(run: Run, state: TrainState) -> TrainState:
 
 
 def micro_batches(run: Run, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The training micro-batches of this rank from optimizer step ``step`` on, epoch after epoch."""
-    transform = run.task.train_transform()
-    while True:
-        loader = train_loader(run.recipe.data.path, run.position(step), split=run.recipe.data.train_split,
-                              transform=transform, batch_size=run.engine.train_micro_batch_size_per_gpu(),
-                              pin_memory=torch.cuda.is_available(), remote=run.remote)
-        settle_feeder_threads()
-        yield from loader
-        step = (run.schedule.epoch_of(step) + 1) * run.schedule.steps_per_epoch
+    """The training micro-batches of this rank from optimizer step ``step`` to the end of training: one loader, whose
+    workers start once and run the epochs back to back."""
+    yield from train_loader(run.recipe.data.path, run.position(step), epochs=run.recipe.train.epochs,
+                            split=run.recipe.data.train_split, transform=run.task.train_transform(),
+                            batch_size=run.engine.train_micro_batch_size_per_gpu(),
+                            pin_memory=torch.cuda.is_available(), remote=run.remote)
 
 
 def log_training(run: Run, state: TrainState, window: LossWindow) -> None:

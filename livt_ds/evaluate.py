@@ -45,11 +45,26 @@ from livt_ds.weights import weights_provenance
 def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
              cast: Callable[[torch.Tensor], torch.Tensor], split: str | None = None) -> EvalResult:
     """``task.evaluate`` over ``split`` (default ``recipe.data.eval_split``), sharded over the ranks (a collective)."""
-    loader = eval_loader(recipe.data.path, split=split or recipe.data.eval_split, transform=task.eval_transform(),
-                         batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
-                         rank=dist.rank(), world_size=dist.world_size(), remote=remote)
+    loader = _kept_loader(task, recipe, remote, split or recipe.data.eval_split)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         return task.evaluate(forward, model, loader, cast)
+
+
+_kept: tuple | None = None  # (key, task, loader) of the last evaluation: its workers wait for the next one
+
+
+def _kept_loader(task: Task, recipe: Recipe, remote: RemoteOptions, split: str):
+    """The eval loader of ``task`` on ``split``, the same one as last time when nothing changed (its workers stay)."""
+    global _kept
+    key = (recipe.data.path, split, recipe.eval.batch_size, recipe.data.num_workers, dist.rank(), dist.world_size(),
+           remote)
+    if _kept is None or _kept[0] != key or _kept[1] is not task:
+        _kept = None  # the previous loader's workers end before new ones start
+        loader = eval_loader(recipe.data.path, split=split, transform=task.eval_transform(),
+                             batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
+                             rank=dist.rank(), world_size=dist.world_size(), remote=remote, persistent=True)
+        _kept = (key, task, loader)
+    return _kept[2]
 
 
 def save_evaluation(output: Path, step: int, record: dict[str, Any], result: EvalResult, log: Logger, *,

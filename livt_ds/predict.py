@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from livt_ds.checkpoint import latest_tag
 from livt_ds.config import recipe_from_dict
+from livt_ds.data.pipeline import worker_context
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
 from livt_ds.errors import CheckpointError
@@ -272,7 +273,8 @@ def run_predict(
         for dataset in datasets:
             workers = min(num_workers, len(tars)) if isinstance(dataset, ShardImages) else num_workers
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                pin_memory=torch.cuda.is_available())
+                                pin_memory=torch.cuda.is_available(),
+                                multiprocessing_context=worker_context() if workers > 0 else None)
             for names, images, errors in loader:
                 tops = iter(predict_batch(predictor, images, top_k)) if images is not None else iter(())
                 for name, error in zip(names, errors, strict=True):

@@ -168,7 +168,8 @@ class RunLock:
     """An exclusive lock file in a run folder, held by one process (global rank 0).
 
     Created atomically (a complete temporary file hard-linked to ``run.lock``, which fails if the name exists, also
-    on NFS); refreshed by a heartbeat thread every ``heartbeat_s`` seconds. A lock is stale when its holder runs on
+    on NFS); a stale lock is removed under an exclusive ``flock`` by one launcher at a time (`_remove_if_stale`);
+    refreshed by a heartbeat thread every ``heartbeat_s`` seconds. A lock is stale when its holder runs on
     this host and its process is gone, or when its heartbeat is older than ``stale_after_s`` (another host).
     """
 
@@ -213,10 +214,7 @@ class RunLock:
                         continue
                     if not self.is_stale(holder):
                         raise RunLockedError(self._held_message(holder)) from None
-                    with contextlib.suppress(FileNotFoundError):  # another launcher may take it over first
-                        stale = self.path.with_name(f"{self.path.name}.stale.{self.owner['pid']}")
-                        os.rename(self.path, stale)
-                        stale.unlink()
+                    self._remove_if_stale(holder)
             else:
                 raise RunLockedError(f"{self.path}: could not take the lock (it keeps changing hands)")
         finally:
@@ -224,6 +222,15 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="livt-run-lock", daemon=True)
         self._thread.start()
         return self
+
+    def _remove_if_stale(self, judged: dict[str, Any]) -> None:
+        """Remove the lock judged stale, unless it changed hands meanwhile. Launchers taking over one lock do it one
+        at a time (``flock`` on a sibling file), and each looks again under it: without that, one could remove the
+        lock another had just taken over, and both would hold the folder."""
+        with _exclusive(self.path.with_name(f".{self.path.name}.takeover")):
+            holder = self.holder()
+            if holder == judged and holder is not None and self.is_stale(holder):
+                self.path.unlink(missing_ok=True)
 
     def _held_message(self, holder: dict[str, Any]) -> str:
         who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" if holder
@@ -245,6 +252,23 @@ class RunLock:
         holder = self.holder()
         if holder and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
             self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for the block. Where the filesystem has no flock
+    (some cluster filesystems mount without it) the block runs unlocked, as before flock was used."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def model_provenance(run_dir: Path | None, tag: str | None, recipe: dict[str, Any] | None) -> dict[str, Any]:

@@ -12,7 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
+import pytest
 import torch
+from conftest import REPO
+from datafixtures import make_shard_set
+from fsspec.implementations.memory import MemoryFileSystem
+from httpserver import serve
 
 from livt_ds.provenance import RunLock, RunLockedError
 
@@ -68,3 +74,74 @@ def test_exported_weights_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert [oct(p.stat().st_mode & 0o777) for p in paths] == ["0o640", "0o640"]
+
+
+# ---------------------------------------------------------------------------------------------- predict, CLI
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    make_shard_set(root / "s", 12, 4, n_val=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """An export of an (untrained) tiny classifier of 16-px images: what predict needs, without a training run."""
+    from livt_ds.config import load_recipe
+    from livt_ds.hub import build_timm_model, hub_config, write_export
+
+    recipe = load_recipe(REPO / "configs" / "tiny_bft.yaml", ["model.img_size=16", "model.patch_size=8"])
+    config = hub_config(recipe, "finetune", ["a", "b", "c", "d"], [6, 3, 2, 1], [0.5] * 3, [0.25] * 3)
+    folder = tmp_path_factory.mktemp("export")
+    write_export(folder, config, build_timm_model(config).state_dict())
+    return folder
+
+
+def cli(args: list[str], capsys) -> tuple[int, str]:
+    from livt_ds.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_predict_reads_a_shard_set_url_like_data_path(sets, tiny_export, tmp_path):
+    from livt_ds.predict import run_predict
+
+    out = tmp_path / "preds.jsonl"
+    with serve(sets) as srv:
+        done = run_predict(str(tiny_export), [f"{srv.url}/s"], out, top_k=2, num_workers=0, progress=False)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert done["images"] == 6 and done["errors"] == 0
+    assert all(line["path"].startswith(f"{srv.url}/s/val-") and len(line["top_k"]) == 2 for line in lines)
+
+
+def test_predict_with_a_missing_input_or_nothing_readable_exits_2_in_one_line(tiny_export, tmp_path, capsys):
+    base = ["predict", "--model", str(tiny_export), "--output", str(tmp_path / "p.jsonl"), "--workers", "0",
+            "--no-progress"]
+    code, err = cli([*base, "--input", str(tmp_path / "nowhere.png")], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "nowhere.png: no such file" in err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    code, err = cli([*base, "--input", str(tmp_path / "bad.png")], capsys)
+    assert code == 2 and "no image could be read (1 unreadable" in err and "Traceback" not in err
+
+
+class NoCredentialsError(Exception):
+    """The name botocore gives the error of an s3 client that has no credentials."""
+
+
+class _NoCredentialsFS(MemoryFileSystem):
+    protocol = "nocreds"
+
+    def _open(self, path, mode="rb", **kwargs):
+        raise NoCredentialsError("Unable to locate credentials")
+
+
+def test_shard_set_errors_and_missing_credentials_are_one_line_with_exit_2(sets, tiny_export, tmp_path, capsys):
+    fsspec.register_implementation("nocreds", _NoCredentialsFS, clobber=True)
+    base = ["predict", "--model", str(tiny_export), "--output", str(tmp_path / "p.jsonl"), "--input"]
+    code, err = cli([*base, "nocreds://bucket/set"], capsys)
+    assert code == 2 and "no usable credentials (NoCredentialsError" in err and err.count("\n") == 1
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "meta.json").write_text("{}")  # not a livt-ds shard set: ShardSetError
+    code, err = cli([*base, f"file://{tmp_path / 'half'}/"], capsys)
+    assert code == 2 and "not a livt-ds shard set" in err and err.count("\n") == 1

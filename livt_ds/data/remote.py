@@ -87,6 +87,17 @@ class RemoteOptions:
 DEFAULT_OPTIONS = RemoteOptions()
 
 
+# Credential errors of the optional storage clients (botocore, google-auth, azure-core), known by name: the
+# packages themselves need not be installed for livt-ds to tell a missing credential from a bug.
+CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                               "DefaultCredentialsError", "RefreshError", "ClientAuthenticationError"})
+
+
+def is_credentials_error(exn: BaseException) -> bool:
+    """True for a storage client's "no / bad credentials" error (botocore's NoCredentialsError ...)."""
+    return any(cls.__name__ in CREDENTIAL_ERRORS for cls in type(exn).__mro__)
+
+
 # ---------------------------------------------------------------------------------------------- locations
 def is_url(location: str | Path) -> bool:
     """True for ``scheme://...`` (``file://`` excluded) and ``pipe:...`` locations."""
@@ -157,6 +168,12 @@ def _open_fsspec(url: str, offset: int, timeout: float) -> tuple[Any, int | None
         stream = fs.open(path, "rb")
     except FileNotFoundError:
         raise ShardMissing(f"{url}: not found") from None
+    except Exception as exn:
+        if is_credentials_error(exn):
+            raise ShardUnavailable(f"{url}: no usable credentials ({type(exn).__name__}: {exn}); configure them for "
+                                   f"{url.split('://')[0]}:// (for s3://: AWS_PROFILE or ~/.aws/credentials), or "
+                                   "read the set through a pipe: command") from None  # fmt: skip
+        raise
     if offset:
         stream.seek(offset)
     return stream, getattr(stream, "size", None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import re
 import shutil
 import subprocess
@@ -276,6 +277,14 @@ def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
     recipe = model_states(tag_dir).get("recipe")
     return recipe if isinstance(recipe, dict) else None
 
+
+
+def saved_data_sha256(tag_dir: Path) -> str | None:
+    """The meta.json digest of the shard set a checkpoint was trained on (None for a checkpoint without one)."""
+    try:
+        return json.loads((tag_dir / STATE_FILE).read_text()).get("data_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_engine(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:

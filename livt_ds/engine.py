@@ -23,7 +23,7 @@ from livt_ds.checkpoint import CheckpointManager, ResumePlan
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
 from livt_ds.data.pipeline import settle_feeder_threads, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions
-from livt_ds.data.shards import load_meta
+from livt_ds.data.shards import load_meta, meta_digest
 from livt_ds.evaluate import evaluate, save_evaluation
 from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.run_log import Logger
@@ -105,6 +105,7 @@ class Trainer:
         self.world = dist.world_size()
         self.remote = RemoteOptions.from_config(recipe.data)
         self.meta = load_meta(recipe.data.path, self.remote)
+        self.data_sha256 = meta_digest(self.meta)  # a resume may read another copy of the same set
         self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), recipe, self.world)
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.task = build_task(stage, recipe, self.meta)
@@ -239,7 +240,9 @@ class Trainer:
                 try:
                     diff = provenance.check_resume_recipe(saved, recipe_to_dict(self.recipe),
                                                           allow=self.allow_recipe_change,
-                                                          checkpoint=str(self.plan.tag_dir), output=str(self.output))
+                                                          checkpoint=str(self.plan.tag_dir), output=str(self.output),
+                                                          data_sha256=(checkpoint.saved_data_sha256(self.plan.tag_dir),
+                                                                       self.data_sha256))
                 except ConfigError as exc:
                     error = str(exc)
         error, diff, saved = dist.broadcast_object((error, diff, saved))
@@ -309,7 +312,7 @@ class Trainer:
         return provenance.History(self.output).start(
             stage=self.stage, recipe=recipe_to_dict(self.recipe), start_step=self.start_step, world_size=self.world,
             hosts=hosts, resumed_from=str(self.plan.tag_dir) if self.plan else None, diff=self.recipe_change,
-            schedule={**self.schedule.as_dict(), "change": self.schedule_change})
+            schedule={**self.schedule.as_dict(), "change": self.schedule_change}, data_sha256=self.data_sha256)
 
     # ----------------------------------------------------------------------------------------- step parts
     def _position(self, step: int):
@@ -384,5 +387,6 @@ class Trainer:
         self._status("save")
         self.state.stream = self._position(self.state.step).without_rank()
         self.state.skipped = self._skipped()
+        self.state.data_sha256 = self.data_sha256
         self.checkpoints.save(self.engine, self.state, recipe_to_dict(self.recipe))
         self._status("train")

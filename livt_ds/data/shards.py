@@ -11,6 +11,7 @@ after ``meta.json`` is written, so an interrupted run never leaves a folder that
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -99,6 +100,11 @@ def _check_meta(meta: dict, path: str, shard_dir: str) -> dict:
             f"{path}: format_version {meta['format_version']} is newer than this livt-ds ({FORMAT_VERSION}); update it"
         )
     return meta
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of a meta.json's content (canonical JSON): the same for every copy of a shard set, local or remote."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def shard_paths(shard_dir: str | Path, split: str, remote: RemoteOptions = DEFAULT_OPTIONS) -> list[str]:

@@ -3,9 +3,11 @@ evaluations, shard digests checked by the cache, predict on URLs and on nothing,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -145,3 +147,61 @@ def test_shard_set_errors_and_missing_credentials_are_one_line_with_exit_2(sets,
     (tmp_path / "half" / "meta.json").write_text("{}")  # not a livt-ds shard set: ShardSetError
     code, err = cli([*base, f"file://{tmp_path / 'half'}/"], capsys)
     assert code == 2 and "not a livt-ds shard set" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- shard digests
+def test_make_shards_records_each_shards_size_and_sha256(sets):
+    from livt_ds.data.shards import file_sha256, load_meta
+
+    meta = load_meta(sets / "s")
+    for info in meta["splits"].values():
+        files = [sets / "s" / name for name in info["shards"]]
+        assert info["shard_bytes"] == [f.stat().st_size for f in files]
+        assert info["shard_sha256"] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+        assert info["shard_sha256"][0] == file_sha256(files[0])
+
+
+def test_the_cache_keeps_only_copies_that_match_meta_json_and_fetches_a_wrong_one_again(sets, tmp_path):
+    from livt_ds.data.cache import CachedCopyMismatch, fetch
+    from livt_ds.data.remote import RemoteOptions
+    from livt_ds.data.shards import load_meta, shard_files
+
+    served = tmp_path / "served"
+    shutil.copytree(sets / "s", served / "s")
+    good = (served / "s" / "train-000001.tar").read_bytes()
+    with serve(served) as srv:
+        url = f"{srv.url}/s"
+        options = RemoteOptions(retries=1, backoff_s=0.01, cache_dir=str(tmp_path / "c"))
+        options = options.expecting(shard_files(url, load_meta(url)))
+        shard = f"{url}/train-000001.tar"
+        (served / "s" / "train-000001.tar").write_bytes(good[: len(good) // 2])  # the server's copy is broken
+        with pytest.raises(CachedCopyMismatch, match="meta.json lists"):
+            fetch(shard, options)
+        assert not list((tmp_path / "c").iterdir())  # nothing cached
+        (served / "s" / "train-000001.tar").write_bytes(good)  # fixed on the server: read at once
+        assert fetch(shard, options).read_bytes() == good
+        cached = fetch(shard, options)
+        cached.write_bytes(good[:100])  # a copy cut short on disk is fetched again
+        requests = srv.requests["/s/train-000001.tar"]
+        assert fetch(shard, options).read_bytes() == good
+        assert srv.requests["/s/train-000001.tar"] == requests + 1
+
+
+def test_the_training_stream_reads_through_the_checked_cache(sets, tmp_path):
+    from datafixtures import loader_position
+
+    from livt_ds.data.pipeline import skipped_shards, train_loader
+    from livt_ds.data.remote import RemoteOptions
+    from livt_ds.data.transforms import mgp_transform
+
+    served = tmp_path / "served"
+    shutil.copytree(sets / "s", served / "s")
+    other = (served / "s" / "train-000002.tar").read_bytes()
+    (served / "s" / "train-000000.tar").write_bytes(other)  # a valid tar, but not the file meta.json lists
+    args = dict(transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4, num_workers=0, seed=0, epoch=0,
+                rank=0, world_size=1, num_batches=3, shuffle_buffer=4,
+                remote=RemoteOptions(retries=0, backoff_s=0.01, cache_dir=str(tmp_path / "c")))
+    before = skipped_shards()
+    with serve(served) as srv:
+        list(train_loader(f"{srv.url}/s", loader_position(args), **args))
+    assert skipped_shards() > before  # the wrong file was refused, not trained on

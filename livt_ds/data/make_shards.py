@@ -182,6 +182,7 @@ def write_shards(
         meta = _build_meta(source, output, writer.stats, tally)
         meta.update(seed=seed, imbalance=imbalance, max_side=max_side, shard_size=str(shard_size))
         meta["command"] = command or ""
+        writer.record_files(meta)
         writer.commit(meta)
     return meta
 

@@ -68,7 +68,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions, ShardUnavailable
-from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta, read_tar_samples, shard_paths
+from livt_ds.data.shards import (
+    decode_image,
+    decode_label,
+    image_key,
+    load_meta,
+    read_tar_samples,
+    shard_files,
+    shard_paths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -556,6 +564,7 @@ def train_loader(
     p = position
     _check_rank(p.rank, p.world, batch_size, p.workers)
     meta = load_meta(shard_dir, remote)
+    remote = remote.expecting(shard_files(shard_dir, meta))  # the cache checks its copies against meta.json
     stream = TrainStream(
         shard_paths(shard_dir, split, remote), num_classes=meta["num_classes"], transform=transform,
         batch_size=batch_size, seed=p.seed, shard_sizes=meta["splits"][split].get("shard_sizes"), epoch=p.epoch,
@@ -585,6 +594,7 @@ def eval_loader(
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     meta = load_meta(shard_dir, remote)
+    remote = remote.expecting(shard_files(shard_dir, meta))
     stream = EvalStream(
         shard_paths(shard_dir, split, remote), meta["splits"][split]["shard_sizes"], num_classes=meta["num_classes"],
         transform=transform, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,

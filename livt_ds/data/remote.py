@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -68,6 +68,8 @@ class RemoteOptions:
     timeout_s: float = _DATA.timeout_s  # connect / read timeout of one HTTP request
     cache_dir: str = _DATA.cache_dir  # "" = no cache
     cache_max_bytes: int = _gigabytes(_DATA.cache_max_gb)
+    # shard location -> (bytes, sha256) from the set's meta.json: what the cache checks its copies against
+    shard_files: dict[str, tuple[int, str]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.cache_max_bytes < 0:
@@ -82,6 +84,11 @@ class RemoteOptions:
                        cache_dir=data.cache_dir, cache_max_bytes=_gigabytes(data.cache_max_gb))  # fmt: skip
         except ValueError as exn:
             raise ConfigError(f"data.retries / retry_backoff_s / timeout_s / cache_max_gb: {exn}") from None
+
+
+    def expecting(self, shard_files: dict[str, tuple[int, str]]) -> RemoteOptions:
+        """These options, with the sizes and digests of a set's shards (``shards.shard_files``) added."""
+        return dataclasses.replace(self, shard_files={**self.shard_files, **shard_files})
 
 
 DEFAULT_OPTIONS = RemoteOptions()

@@ -205,3 +205,63 @@ def test_the_training_stream_reads_through_the_checked_cache(sets, tmp_path):
     with serve(served) as srv:
         list(train_loader(f"{srv.url}/s", loader_position(args), **args))
     assert skipped_shards() > before  # the wrong file was refused, not trained on
+
+
+# ---------------------------------------------------------------------------------------------- partial evaluation
+@pytest.fixture(scope="module")
+def cut_set(sets, tmp_path_factory) -> Path:
+    """A copy of the set (val: 4 + 2 samples) whose first val shard is cut in half."""
+    root = tmp_path_factory.mktemp("cut")
+    shutil.copytree(sets / "s", root / "s")
+    shard = root / "s" / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return root / "s"
+
+
+def test_a_partial_evaluation_names_the_shard_and_the_counts(sets, cut_set):
+    from livt_ds.data.pipeline import eval_loader
+    from livt_ds.data.transforms import eval_transform
+    from livt_ds.evaluate import check_complete
+
+    loader = eval_loader(cut_set, transform=eval_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=2, num_workers=1,
+                         rank=0, world_size=1)
+    scored = sum(len(labels) for _, labels in loader)
+    found = check_complete(loader.dataset, scored, "val")
+    assert 2 <= scored < 6  # the second shard whole, the first in part
+    ((name, (got, want)),) = found["short_shards"].items()
+    assert (name, want, found["expected"], found["scored"]) == ("val-000000.tar", 4, 6, scored) and got < 4
+    assert f"val: scored {scored} of its 6 samples (val-000000.tar gave {got} of its 4 samples" in found["message"]
+    whole = eval_loader(sets / "s", transform=eval_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=2,
+                        num_workers=1, rank=0, world_size=1)
+    assert check_complete(whole.dataset, sum(len(labels) for _, labels in whole), "val") is None
+
+
+def test_livt_eval_of_a_partial_split_is_an_error(cut_set, tiny_export, tmp_path):
+    from conftest import run_livt
+
+    result = run_livt(["eval", "--config", "configs/tiny_bft.yaml", "--ds-config", "ds_configs/cpu_fp32.json",
+                       "--output", str(tmp_path / "eval"), f"data.path={cut_set}", f"model.init={tiny_export}",
+                       "model.img_size=16", "model.patch_size=8", "data.num_workers=1"], ranks=1, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "val-000000.tar gave" in result.stderr and "of its 4 samples" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_a_partial_evaluation_during_training_is_a_warning_recorded_in_the_metrics(cut_set, caplog):
+    """The evaluation the trainer runs (evaluate.evaluate) on the same split: it goes on, warns, and records."""
+    from livt_ds.config import load_recipe
+    from livt_ds.data.remote import RemoteOptions
+    from livt_ds.data.shards import load_meta
+    from livt_ds.evaluate import evaluate
+    from livt_ds.tasks import FinetuneTask
+
+    recipe = load_recipe(REPO / "configs" / "tiny_bft.yaml", [f"data.path={cut_set}", "model.init=",
+                                                              "model.img_size=16", "model.patch_size=8"])
+    task = FinetuneTask(recipe, load_meta(cut_set))
+    model = task.build_model().eval()
+    with caplog.at_level("WARNING", logger="livt_ds.evaluate"):
+        result = evaluate(task, model, model, recipe, RemoteOptions(), lambda x: x)
+    metrics = result.metrics
+    assert metrics["missing_samples"] == 6 - metrics["num_samples"] > 0 and "top1" in metrics
+    assert list(metrics["incomplete"]["short_shards"]) == ["val-000000.tar"]
+    assert "partial evaluation: val: scored" in caplog.text and "val-000000.tar gave" in caplog.text

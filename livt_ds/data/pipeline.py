@@ -215,9 +215,25 @@ class _ShardRead:
             self.handler(exn)
 
 
+class ShardTally:
+    """Samples read per shard by the loaders of one stream, its DataLoader workers included (shared memory, like
+    the skip counters): how an evaluation tells which shard came up short."""
+
+    def __init__(self, urls: list[str]):
+        self.index = {url: i for i, url in enumerate(urls)}
+        self.counts = multiprocessing.Array("q", max(1, len(urls)))
+
+    def add(self, url: str, n: int) -> None:
+        with self.counts.get_lock():
+            self.counts[self.index[url]] += n
+
+    def values(self) -> list[int]:
+        return list(self.counts[: len(self.index)])
+
+
 def _read_units(
     src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS,
-    sizes: dict[str, int] | None = None,
+    sizes: dict[str, int] | None = None, tally: ShardTally | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
 
@@ -237,6 +253,8 @@ def _read_units(
                 n += 1
                 yield sample
         report.close(url, read, (sizes or {}).get(url))
+        if tally is not None:
+            tally.add(url, n)
         empty = 0 if n else empty + 1
         if max_empty is not None and empty >= max_empty:
             raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}); check the set with --verify")
@@ -441,6 +459,7 @@ class EvalStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.return_keys = max(1, num_workers), return_keys
         self.counter = counter if counter is not None else _skip_counter()
+        self.tally = ShardTally(self.urls)  # samples read per shard, across this rank's workers
 
     def _worker_units(self, worker: int, num_workers: int) -> list[dict]:
         units = eval_units(self.urls, self.world_size * num_workers)
@@ -463,7 +482,8 @@ class EvalStream(IterableDataset):
         handler = CountedSkip(self.counter, f"eval rank {self.rank} worker {worker}", self.shard_counter)
         pipeline = wds.DataPipeline(
             functools.partial(iter, self._worker_units(worker, num_workers)),
-            read_units(handler=handler, remote=self.remote, sizes=dict(zip(self.urls, self.shard_sizes))),
+            read_units(handler=handler, remote=self.remote, sizes=dict(zip(self.urls, self.shard_sizes)),
+                       tally=self.tally),
             wds.map(functools.partial(_decode_eval, num_classes=self.num_classes), handler=handler),
             wds.map(_EvalTransform(self.transform)),  # transform errors are bugs: they propagate
             wds.batched(self.batch_size, collation_fn=_collate_eval, partial=True),

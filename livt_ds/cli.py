@@ -11,6 +11,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_DATA_OUTAGE = 4  # the run saved a checkpoint and stopped: resume once the data source is back
 
 
 def default_ds_config() -> str:
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:  # key=value overrides placed after options
         args.overrides = [*getattr(args, "overrides", []), *rest]
+    from livt_ds.data.remote import DataSourceOutage
     from livt_ds.engine import NonFiniteLossError
 
     try:
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"livt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except DataSourceOutage as exc:
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_DATA_OUTAGE
     except Exception as exc:
         if not is_expected_error(exc):
             raise  # a bug: its traceback is what helps

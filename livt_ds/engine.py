@@ -22,12 +22,13 @@ from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import CheckpointManager, ResumePlan
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
 from livt_ds.data.pipeline import settle_feeder_threads, skipped_samples, skipped_shards, train_loader
-from livt_ds.data.remote import RemoteOptions
+from livt_ds.data.remote import DataSourceOutage, RemoteOptions
 from livt_ds.data.shards import load_meta, meta_digest
 from livt_ds.evaluate import evaluate, save_evaluation
 from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.run_log import Logger
 from livt_ds.seeding import seed_everything
+from livt_ds.step_feed import step_batches
 from livt_ds.tasks import Task, build_task
 from livt_ds.train_state import Best, Schedule, TrainState, write_status
 
@@ -170,6 +171,8 @@ class Trainer:
             self._status("finished" if reason == "finished" else "stopped")
         except BaseException as exc:
             reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            if isinstance(exc, DataSourceOutage):  # every rank is here, at the same step boundary (step_batches)
+                raise self._save_for_outage(exc) from None
             self._status("failed")
             raise
         finally:
@@ -208,7 +211,7 @@ class Trainer:
                                   remote=self.remote)
             self.engine.train()
             settle_feeder_threads()
-            for micro, (images, labels) in enumerate(loader, start=1):
+            for micro, (images, labels) in enumerate(step_batches(loader, s.accumulation), start=1):
                 if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
                     apply_lr(self.optimizer, s.lr(state.step))
                 self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
@@ -381,6 +384,16 @@ class Trainer:
         self.log.message(f"eval at step {step}: {summary}")
         self._status("train")
         return True
+
+    def _save_for_outage(self, exc: DataSourceOutage) -> DataSourceOutage:
+        """Save the last completed step (unless saved already) before the run stops; the error says how to go on."""
+        step = self.state.step
+        if step > 0 and self.state.last_saved != step:
+            self._save()
+        self._status("stopped")
+        saved = f"saved a checkpoint at step {step}" if step > 0 else "no step was completed"
+        return DataSourceOutage(f"{exc}. The run stopped: {saved} in {self.output}; when the source is back, continue "
+                                "with --resume auto (data.retries and data.timeout_s may be raised on resume)")
 
     def _save(self) -> None:
         self._check_finite()  # never a checkpoint of non-finite weights

@@ -265,3 +265,49 @@ def test_a_partial_evaluation_during_training_is_a_warning_recorded_in_the_metri
     assert metrics["missing_samples"] == 6 - metrics["num_samples"] > 0 and "top1" in metrics
     assert list(metrics["incomplete"]["short_shards"]) == ["val-000000.tar"]
     assert "partial evaluation: val: scored" in caplog.text and "val-000000.tar gave" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- outage
+def test_a_source_down_for_every_shard_is_an_outage_naming_the_url_not_a_damaged_set(sets):
+    from datafixtures import loader_position
+
+    from livt_ds.data.pipeline import train_loader
+    from livt_ds.data.remote import DataSourceOutage, RemoteOptions
+    from livt_ds.data.transforms import mgp_transform
+
+    args = dict(transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4, num_workers=1, seed=0, epoch=0,
+                rank=0, world_size=1, num_batches=3, shuffle_buffer=4,
+                remote=RemoteOptions(retries=1, backoff_s=0.01))
+    with serve(sets, down_after=0) as srv, pytest.raises(DataSourceOutage) as err:
+        list(train_loader(f"{srv.url}/s", loader_position(args), **args))
+    text = str(err.value)  # the worker's message, without the traceback the DataLoader wraps around it
+    assert text.startswith("the data source is unavailable: reads of 3 shards in a row failed after their retries")
+    assert f"{srv.url}/s/train-" in text and "503" in text and "gave up after 2 tries" in text
+    assert "Traceback" not in text and "--verify" not in text
+
+
+@pytest.mark.slow
+def test_an_outage_saves_the_last_step_exits_4_and_resume_continues(toy_shards, tmp_path):
+    """2 ranks over HTTP; the server goes down while the second epoch's loaders fill their shuffle buffers (after
+    the first epoch's 3 steps); the run saves step 3 and stops. Resumed from a new server (another port: the same
+    set) with more retries, it finishes."""
+    from conftest import MGP_ARGS, read_jsonl, run_livt
+
+    run = tmp_path / "run"
+    common = [*MGP_ARGS, "--output", str(run), "train.epochs=2", "eval.every=0", "data.retry_backoff_s=0.01"]
+    with serve(toy_shards.parent, down_after=250) as srv:
+        first = run_livt(["pretrain", *common, f"data.path={srv.url}/{toy_shards.name}", "data.retries=0"],
+                         check=False)
+    assert first.returncode == 4, first.stderr[-3000:]
+    errors = [line for line in first.stderr.splitlines() if line.startswith("livt pretrain: error:")]
+    assert errors and f"{srv.url}/{toy_shards.name}/train-" in errors[0] and "HTTPError 503" in errors[0]
+    assert "saved a checkpoint at step 3" in errors[0] and "--resume auto" in errors[0]
+    assert "--verify" not in first.stderr and "Traceback" not in first.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    assert json.loads((run / "status.json").read_text())["phase"] == "stopped"
+    with serve(toy_shards.parent) as srv:
+        run_livt(["pretrain", *common, f"data.path={srv.url}/{toy_shards.name}", "data.retries=3"])
+    history = read_jsonl(run / "history.jsonl")
+    assert history[1]["reason"].startswith("error: DataSourceOutage") and history[1]["end_step"] == 3
+    assert history[2]["start_step"] == 3 and history[3] == {**history[3], "end_step": 6, "reason": "finished"}
+    assert set(history[2]["changes"]["operational"]) == {"data.path", "data.retries"}

@@ -67,7 +67,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions, ShardUnavailable
+from livt_ds.data.remote import DEFAULT_OPTIONS, DataSourceOutage, ReadGaveUp, RemoteOptions, ShardUnavailable
 from livt_ds.data.shards import (
     decode_image,
     decode_label,
@@ -81,6 +81,7 @@ from livt_ds.data.shards import (
 logger = logging.getLogger(__name__)
 
 _TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
+OUTAGE_SHARDS = 3  # training: reads of this many different shards in a row given up after their retries = an outage
 SHUFFLE_BUFFER = 1000  # raw (undecoded) training samples held per loader worker for shuffling
 _exit_hook = False  # _kill_workers_at_exit registered
 _counter = None  # multiprocessing.Value("q"): samples skipped in this process and its loader workers
@@ -193,10 +194,12 @@ class _ShardRead:
 
     def __init__(self, handler: Callable):
         self.handler, self.errors, self.gave_up = handler, [], False
+        self.retried_out: ReadGaveUp | None = None  # the read failed after all its retries (an outage, if repeated)
 
     def __call__(self, exn: BaseException) -> bool:
         if isinstance(exn, ShardUnavailable):
             self.gave_up = True
+            self.retried_out = exn if isinstance(exn, ReadGaveUp) else None
             return self.handler(exn)
         self.errors.append(exn)
         return True
@@ -233,7 +236,7 @@ class ShardTally:
 
 def _read_units(
     src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS,
-    sizes: dict[str, int] | None = None, tally: ShardTally | None = None,
+    sizes: dict[str, int] | None = None, tally: ShardTally | None = None, outage_after: int | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
 
@@ -241,8 +244,11 @@ def _read_units(
     ``handler`` once, as a :class:`ShardCutShort` (a skipped shard), whatever broke it.
     ``max_empty``: raise after that many units in a row gave no sample (an endless tape of broken shards
     would otherwise spin forever).
+    ``outage_after``: raise :class:`DataSourceOutage` once reads of that many different shards in a row gave up
+    after their retries (one broken file is skipped; the source failing for every file is an outage).
     """
     empty = 0
+    retried_out: dict[str, ReadGaveUp] = {}  # shards whose reads gave up since the last good read
     for unit in src:
         url, part, parts = (unit, 0, 1) if isinstance(unit, str) else (unit["url"], unit["part"], unit["parts"])
         n = read = 0
@@ -255,6 +261,13 @@ def _read_units(
         report.close(url, read, (sizes or {}).get(url))
         if tally is not None:
             tally.add(url, n)
+        if report.retried_out is not None:
+            retried_out[url] = report.retried_out
+            if outage_after and len(retried_out) >= outage_after:
+                raise DataSourceOutage(f"the data source is unavailable: reads of {len(retried_out)} shards in a row "
+                                       f"failed after their retries; the last: {report.retried_out}")
+        elif read:
+            retried_out.clear()
         empty = 0 if n else empty + 1
         if max_empty is not None and empty >= max_empty:
             raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}); check the set with --verify")
@@ -416,7 +429,8 @@ class TrainStream(IterableDataset):
             functools.partial(shard_tape, self.urls, self.seed, self.epoch),
             take_every(self.rank, self.world_size),
             take_every(worker, num_workers),
-            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, sizes=self.sizes),
+            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, sizes=self.sizes,
+                       outage_after=min(OUTAGE_SHARDS, len(self.urls))),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
             number(),
             wds.batched(self.batch_size, collation_fn=None, partial=False),

@@ -14,8 +14,9 @@ A shard set location (``data.path``, ``--verify``, any ``shard_dir`` argument) i
 Shard names in meta.json resolve relative to its location (:func:`join`). A failed read (connection refused or
 dropped, timeout, HTTP 5xx/408/429, a pipe's non-zero exit) is retried up to ``retries`` times per file with
 doubling waits, and continues at the byte where it stopped, so a retried shard yields exactly the bytes of a
-local read. After the last retry :class:`ShardUnavailable` is raised; a missing file (HTTP 404/410, no such
-object) raises :class:`ShardMissing` at once, as do other HTTP 4xx answers (:class:`ShardUnavailable`).
+local read. After the last retry :class:`ReadGaveUp` (a :class:`ShardUnavailable`) is raised; a missing file (HTTP
+404/410, no such object) raises :class:`ShardMissing` at once, as do other HTTP 4xx answers
+(:class:`ShardUnavailable`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ class ShardUnavailable(OSError):
 
 class ShardMissing(ShardUnavailable, FileNotFoundError):
     """A file of a shard set does not exist (HTTP 404/410, no such object or file)."""
+
+
+class ReadGaveUp(ShardUnavailable):
+    """A read that still failed after its ``retries`` (refused or dropped connections, timeouts, HTTP 5xx)."""
+
+
+class DataSourceOutage(OSError):
+    """Reads of several shards in a row gave up after their retries: the source of the shard set, not one file, is
+    failing. The trainer saves a checkpoint and stops (see engine.py); the message names the URL and the cause."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if "Original Traceback" in text:  # re-raised by a DataLoader from its worker: the worker's own message
+            text = text.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        return text
 
 
 _DATA = DataConfig()
@@ -265,7 +281,7 @@ class ResumableStream(io.RawIOBase):
         where = f"at byte {self.pos}" + (f" of {self.size}" if self.size is not None else "")
         if self.retries_used >= self.options.retries:
             tries = self.retries_used + 1
-            raise ShardUnavailable(f"{self.url}: gave up after {tries} tries, {where}: {exn!r}") from exn
+            raise ReadGaveUp(f"{self.url}: gave up after {tries} tries, {where}: {exn!r}") from exn
         wait = min(MAX_WAIT_S, self.options.backoff_s * 2**self.retries_used) * _jitter.uniform(0.5, 1.5)
         self.retries_used += 1
         logger.warning("%s: %r %s; retry %d/%d in %.2f s", self.url, exn, where, self.retries_used,

@@ -33,14 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
-             cast: Callable[[torch.Tensor], torch.Tensor]) -> EvalResult:
-    """``task.evaluate`` over ``recipe.data.eval_split``, sharded over the ranks (a collective)."""
-    loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=task.eval_transform(),
+             cast: Callable[[torch.Tensor], torch.Tensor], split: str | None = None) -> EvalResult:
+    """``task.evaluate`` over ``split`` (default ``recipe.data.eval_split``), sharded over the ranks (a collective)."""
+    loader = eval_loader(recipe.data.path, split=split or recipe.data.eval_split, transform=task.eval_transform(),
                          batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
                          rank=dist.rank(), world_size=dist.world_size(), remote=remote)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         result = task.evaluate(forward, model, loader, cast)
-    shortfall = check_complete(loader.dataset, result.metrics.get("num_samples"), recipe.data.eval_split)
+    shortfall = check_complete(loader.dataset, result.metrics.get("num_samples"), split or recipe.data.eval_split)
     if shortfall:  # recorded with the metrics (metrics.json; eval/missing_samples in the log), and warned about
         result.metrics["incomplete"] = shortfall
         result.metrics["missing_samples"] = shortfall["expected"] - shortfall["scored"]
@@ -86,14 +86,23 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
     save_images(result.images, output / "plots", step)
 
 
-def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
+def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str | None = None) -> dict[str, Any]:
+    """`livt eval`: the model of ``model.init`` on ``split`` (default ``data.eval_split``; ``test`` reads the test
+    split) -> OUTPUT/metrics.json."""
     if not recipe.model.init:
         raise ConfigError("livt eval needs model.init=RUN_OR_EXPORT (a BFT run folder, checkpoint or export .pt)")
     if not recipe.data.path:
         raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
     output = Path(output)
     remote = RemoteOptions.from_config(recipe.data)
-    task = FinetuneTask(recipe, load_meta(recipe.data.path, remote))
+    meta = load_meta(recipe.data.path, remote)
+    split = split or recipe.data.eval_split
+    if split not in meta.get("splits", {}):
+        declared = meta.get("test_split")
+        hint = f"; its test set is the split '{declared}' (meta.json test_split)" if declared else ""
+        raise ConfigError(f"--split {split}: the shard set {recipe.data.path} has no such split (its splits: "
+                          f"{sorted(meta.get('splits', {}))}){hint}")
+    task = FinetuneTask(recipe, meta)
     model = task.build_model()
     missing = task.init_report["missing"]
     if missing:
@@ -107,9 +116,10 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
             return model(images)
 
-    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True))
+    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
     if "incomplete" in result.metrics:  # a score over part of the split is no score of the split
         raise IncompleteEvaluationError(f"livt eval on {recipe.data.path}: {result.metrics['incomplete']['message']}")
+    result.metrics["split"] = split
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)

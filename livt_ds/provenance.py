@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from livt_ds.config import ConfigError
+from livt_ds.config import ConfigError, Recipe, merge_trees, recipe_to_dict
 
 # The recipe keys a resumed run may change: they say how a run is operated, not what it trains (a key ending in
 # ".*" stands for its whole section). Every other key defines training: a resume that changes it is refused unless
@@ -40,6 +40,7 @@ OPERATIONAL_KEYS: dict[str, str] = {
     "data.cache_dir": "where remote shards are cached",
     "data.cache_max_gb": "the size bound of that cache",
     "train.stop_after_steps": "where this launch stops (the schedule is unchanged)",
+    "data.test_split": "the split evaluated once after training (read after training, never during it)",
     "eval.*": "when, with what batch and under which test priors the model is evaluated",
     "log.*": "how often and where the run logs",
     "checkpoint.*": "how often the run saves and how many checkpoints it keeps",
@@ -102,9 +103,10 @@ def check_resume_recipe(old: dict[str, Any], new: dict[str, Any], *, allow: bool
                         output: str, data_sha256: tuple[str | None, str | None] = (None, None)
                         ) -> dict[str, list[Any]]:
     """The recipe diff between a checkpoint's recipe and the resumed run's; raises ConfigError when a key that
-    defines training differs and ``allow`` is False. Operational changes (OPERATIONAL_KEYS) always pass.
+    defines training differs and ``allow`` is False. Operational changes (OPERATIONAL_KEYS) always pass; keys newer
+    than the checkpoint's recipe read as their defaults there.
     ``data_sha256``: the meta.json digests of the checkpoint's shard set and of this run's (see `same_shard_set`)."""
-    diff = recipe_diff(old, new)
+    diff = recipe_diff(merge_trees(recipe_to_dict(Recipe()), old), new)
     same_data = same_shard_set(old.get("data", {}).get("path"), new.get("data", {}).get("path"), *data_sha256)
     training = split_changes(diff, same_data)["training"]
     if training and not allow:

@@ -21,6 +21,7 @@ import yaml
 from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import CheckpointManager, ResumePlan
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
+from livt_ds.cuda_arch import set_plain_cuda_arch_list
 from livt_ds.data.pipeline import settle_feeder_threads, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import DataSourceOutage, RemoteOptions
 from livt_ds.data.shards import load_meta, meta_digest
@@ -47,6 +48,7 @@ def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     model = task.build_model()
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     groups = param_groups(model, weight_decay, recipe.train.layer_decay)
+    set_plain_cuda_arch_list()  # before DeepSpeed builds an op: it cannot parse torch's "9.0a"
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
     return engine, optimizer, dtype
@@ -136,7 +138,7 @@ class Trainer:
         """Train to the end (or a stop); returns the best evaluation ({} when none)."""
         try:
             self._claim_run_folder()
-            self.plan = checkpoint.plan_resume(self.output, self.resume, self.world)
+            self.plan = checkpoint.agree_on_resume(self.output, self.resume, self.world)
             if self.plan is not None:
                 self._check_recipe_change()
             self._write_run_files()

@@ -133,12 +133,14 @@ class ResumePlan:
 
 
 def plan_resume(run_dir: Path, resume: str, world: int, *, recipe: Recipe | None = None,
-                schedule: Schedule | None = None, allow_recipe_change: bool = False) -> ResumePlan | None:
+                schedule: Schedule | None = None, allow_recipe_change: bool = False,
+                data_sha256: str | None = None) -> ResumePlan | None:
     """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start; a path: that run folder,
     checkpoint folder or tag folder, which must hold a complete checkpoint. Reads files only.
 
     With the launch's ``recipe`` and ``schedule``, the plan also holds what differs from the checkpoint; a recipe
-    change that alters what is trained raises ConfigError unless ``allow_recipe_change``."""
+    change that alters what is trained raises ConfigError unless ``allow_recipe_change``. ``data_sha256``: the
+    digest of the launch's meta.json (another copy of the same shard set is no change)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -163,7 +165,7 @@ def plan_resume(run_dir: Path, resume: str, world: int, *, recipe: Recipe | None
     saved = saved_recipe(plan.tag_dir)
     diff = None if saved is None else provenance.check_resume_recipe(
         saved, recipe_to_dict(recipe), allow=allow_recipe_change, checkpoint=str(plan.tag_dir),
-        output=str(run_dir))
+        output=str(run_dir), data_sha256=(state.data_sha256, data_sha256))
     return dataclasses.replace(plan, step=state.step, recipe_change=diff,
                                schedule_change=schedule_change(saved, diff, schedule, state.step),
                                stream_warnings=stream_warnings(state, schedule, recipe, world))

@@ -14,8 +14,17 @@ from livt_ds import dist, recipes
 from livt_ds.compare import main as compare_main
 from livt_ds.config import load_recipe
 from livt_ds.data.make_shards import main as shard_main
+from livt_ds.data.remote import is_credentials_error
 from livt_ds.engine import open_run, train
-from livt_ds.errors import CheckpointError, ConfigError, NonFiniteLossError, RunLockedError
+from livt_ds.errors import (
+    CheckpointError,
+    ConfigError,
+    DataSourceOutage,
+    NonFiniteLossError,
+    RunLockedError,
+    ShardSetError,
+    ShardUnavailable,
+)
 from livt_ds.evaluate import run_eval
 from livt_ds.predict import default_workers, run_predict
 from livt_ds.report import prior_table_text
@@ -23,6 +32,7 @@ from livt_ds.weights import export
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_DATA_OUTAGE = 4  # the run saved a checkpoint and stopped: resume once the data source is back
 
 
 def default_ds_config() -> str:
@@ -117,12 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *rest]
     try:
         return _dispatch(args)
-    except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError, ValueError) as exc:
-        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except NonFiniteLossError as exc:
         print(f"livt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except DataSourceOutage as exc:
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_DATA_OUTAGE
+    except Exception as exc:
+        if not is_expected_error(exc):
+            raise  # a bug: its traceback is what helps
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def is_expected_error(exc: BaseException) -> bool:
+    """Errors of the user's input or setting, reported in one line (exit 2) rather than with a traceback: a bad
+    recipe or checkpoint, a locked run folder, a missing file, a shard set that is wrong or cannot be read, missing
+    storage credentials."""
+    expected = (ConfigError, CheckpointError, RunLockedError, ShardSetError, ShardUnavailable, FileNotFoundError,
+                ValueError)
+    return isinstance(exc, expected) or is_credentials_error(exc)
 
 
 def _list_shipped() -> int:

@@ -27,13 +27,14 @@ from livt_ds.config import Recipe, load_ds_config, recipe_to_dict, resolve_ds_co
 from livt_ds.cuda_arch import set_plain_cuda_arch_list
 from livt_ds.data.pipeline import StreamPosition, skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import RemoteOptions
-from livt_ds.data.shards import load_meta
-from livt_ds.errors import NonFiniteLossError
+from livt_ds.data.shards import load_meta, meta_digest
+from livt_ds.errors import DataSourceOutage, NonFiniteLossError
 from livt_ds.evaluate import evaluate, evaluate_test_once, save_evaluation
 from livt_ds.optim import apply_lr, param_groups
 from livt_ds.run_files import write_run_files, write_status
 from livt_ds.run_log import Logger
 from livt_ds.seeding import seed_everything
+from livt_ds.step_feed import step_batches
 from livt_ds.tasks import Task, build_task
 from livt_ds.train_state import Schedule, TrainState
 
@@ -84,6 +85,7 @@ def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), recipe, world)
     task = build_task(stage, recipe, meta)
     schedule = Schedule.plan(recipe, ds_config, meta["splits"][recipe.data.train_split]["num_samples"])
+    data_sha256 = meta_digest(meta)  # a resume may read another copy of the same set
     stop_after = recipe.train.stop_after_steps
     end = schedule.total_steps if stop_after is None else min(schedule.total_steps, stop_after)
 
@@ -91,7 +93,7 @@ def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path
     dist.on_main(lambda: bool(lock.acquire()))  # every rank fails together when a live run holds the folder
     try:
         plan = checkpoint.agree_on_resume(output, resume, world, recipe=recipe, schedule=schedule,
-                                          allow_recipe_change=allow_recipe_change)
+                                          allow_recipe_change=allow_recipe_change, data_sha256=data_sha256)
         if dist.is_main():
             write_run_files(output, recipe, ds_config, {"stage": stage, "world_size": world,
                                                         "num_classes": meta.get("num_classes"),
@@ -100,6 +102,7 @@ def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path
         engine, optimizer, dtype = build_engine(task, recipe, checkpoint.engine_config(plan, ds_config))
         seed_everything(recipe.train.seed * 1000 + dist.rank())  # distinct masks / drop-path per rank
         state = checkpoint.restore(engine, plan, stage) if plan else TrainState(stage)
+        state.data_sha256 = data_sha256
     except BaseException:
         if lock is not None:
             lock.release()
@@ -134,8 +137,8 @@ def train(run: Run, state: TrainState) -> TrainState:
     """Train from ``state`` to the launch's end (or a SIGTERM: then a checkpoint); returns the state reached."""
     recipe, schedule, engine, task = run.recipe, run.schedule, run.engine, run.task
     window = LossWindow(engine.device, schedule.accumulation)
-    with launch_record(run, state) as sigterm:
-        with contextlib.closing(micro_batches(run, state.step)) as batches:
+    with launch_record(run, state, window) as sigterm:
+        with contextlib.closing(step_batches(micro_batches(run, state.step), schedule.accumulation)) as batches:
             engine.train()
             while state.step < run.end:
                 apply_lr(run.optimizer, schedule.lr(state.step))
@@ -220,6 +223,17 @@ def save(run: Run, state: TrainState, window: LossWindow) -> None:
     run.status("train", state.step)
 
 
+def save_for_outage(run: Run, state: TrainState, window: LossWindow, exc: DataSourceOutage) -> DataSourceOutage:
+    """Save the last completed step (unless saved already) before the run stops; the error says how to go on."""
+    step = state.step
+    if step > 0 and state.last_saved != step:
+        save(run, state, window)
+    run.status("stopped", step)
+    saved = f"saved a checkpoint at step {step}" if step > 0 else "no step was completed"
+    return DataSourceOutage(f"{exc}. The run stopped: {saved} in {run.output}; when the source is back, continue "
+                            "with --resume auto (data.retries and data.timeout_s may be raised on resume)")
+
+
 def skipped_this_launch() -> dict[str, int]:
     """Corrupt samples and unreadable shard reads this launch's loaders skipped on all ranks (a collective)."""
     counts = dist.gather_objects((skipped_samples(), skipped_shards()))
@@ -227,9 +241,9 @@ def skipped_this_launch() -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def launch_record(run: Run, state: TrainState) -> Iterator[threading.Event]:
-    """Around the loop: a SIGTERM flag (set by the handler, read by the loop), ``status.json``'s phase and the
-    launch's ``history.jsonl`` segment with the reason it ended."""
+def launch_record(run: Run, state: TrainState, window: LossWindow) -> Iterator[threading.Event]:
+    """Around the loop: a SIGTERM flag (set by the handler, read by the loop), ``status.json``'s phase, the launch's
+    ``history.jsonl`` segment with the reason it ended, and the checkpoint of a data source outage."""
     sigterm = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.set())
     signal.siginterrupt(signal.SIGTERM, False)  # restart interrupted system calls (gloo/nccl sockets)
@@ -240,7 +254,8 @@ def launch_record(run: Run, state: TrainState) -> Iterator[threading.Event]:
         segment = provenance.History(run.output).start(
             stage=run.stage, recipe=recipe_to_dict(run.recipe), start_step=state.step, world_size=run.world,
             hosts=hosts, resumed_from=str(plan.tag_dir) if plan else None, diff=plan.recipe_change if plan else None,
-            schedule={**run.schedule.as_dict(), "change": plan.schedule_change if plan else None})
+            schedule={**run.schedule.as_dict(), "change": plan.schedule_change if plan else None},
+            data_sha256=state.data_sha256)
     reason = "error"
     try:
         run.status("train", state.step)
@@ -248,6 +263,9 @@ def launch_record(run: Run, state: TrainState) -> Iterator[threading.Event]:
         reason = ("sigterm" if sigterm.is_set() else "finished" if state.step >= run.schedule.total_steps
                   else "stop_after_steps")
         run.status("finished" if reason == "finished" else "stopped", state.step)
+    except DataSourceOutage as exc:  # every rank is here, at the same step boundary (step_feed.py)
+        reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+        raise save_for_outage(run, state, window, exc) from None
     except BaseException as exc:
         reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
         run.status("failed", state.step)

@@ -58,6 +58,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process's umask: the mode an ordinary new file gets (read without changing the umask,
+    which is process-wide, where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return base & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` the mode of an ordinary new file: writers that go through a private temporary file (safetensors
+    does) leave it 0600, unreadable to the group the user's umask shares files with."""
+    os.chmod(path, umask_mode())
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2))
 

@@ -109,13 +109,14 @@ class TrainState:
     last_saved: int | None = None
     stream: dict[str, int] = field(default_factory=dict)  # StreamPosition of ``step`` without the rank
     skipped: dict[str, int] = field(default_factory=dict)  # {"samples", "shards"} skipped by all ranks up to ``step``
+    data_sha256: str | None = None  # the shard set's meta.json digest: a resume may read another copy of the set
     version: int = STATE_VERSION
     _counted: dict[str, int] = field(default_factory=dict, repr=False, compare=False)  # this launch's, in skipped
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "stage": self.stage, "step": self.step,
                 "best": dataclasses.asdict(self.best) if self.best else None, "last_saved": self.last_saved,
-                "stream": dict(self.stream), "skipped": dict(self.skipped)}
+                "stream": dict(self.stream), "skipped": dict(self.skipped), "data_sha256": self.data_sha256}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> TrainState:
@@ -127,7 +128,8 @@ class TrainState:
         try:
             return cls(stage=data["stage"], step=int(data["step"]), best=Best(**best) if best else None,
                        last_saved=data.get("last_saved"), stream=dict(data.get("stream") or {}),
-                       skipped=dict(data.get("skipped") or {}), version=STATE_VERSION)
+                       skipped=dict(data.get("skipped") or {}), data_sha256=data.get("data_sha256"),
+                       version=STATE_VERSION)
         except (KeyError, TypeError) as exc:
             raise StateError(f"{where}: unreadable training state {data!r}: {exc}") from None
 

@@ -15,13 +15,8 @@ import pytest
 import torch
 from conftest import REPO, free_port, launcher_env, run_livt, train_losses
 
-from livt_ds.checkpoint import (
-    CheckpointError,
-    ResumePlan,
-    agree_on_resume,
-    check_every_rank_saved,
-    unreadable_on_this_rank,
-)
+from livt_ds.checkpoint import ResumePlan, agree_on_resume, check_every_rank_saved, unreadable_on_this_rank
+from livt_ds.errors import CheckpointError
 
 MGP = ["--config", str(REPO / "configs" / "tiny_mgp.yaml"), "--ds-config", str(REPO / "ds_configs" / "cpu_fp32.json")]
 # batch 16 with a micro-batch ceiling of 4: micro 2 on 8 ranks, micro 4 on 4 ranks (51 images: 3 steps per epoch);

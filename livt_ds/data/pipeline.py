@@ -222,7 +222,7 @@ class ShardTally:
 
     def __init__(self, urls: list[str]):
         self.index = {url: i for i, url in enumerate(urls)}
-        self.counts = multiprocessing.Array("q", max(1, len(urls)))
+        self.counts = worker_context().Array("q", max(1, len(urls)))
 
     def add(self, url: str, n: int) -> None:
         with self.counts.get_lock():

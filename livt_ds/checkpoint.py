@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import copy
 import glob
+import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,27 +208,36 @@ class CheckpointManager:
 def to_universal(ckpt_dir: Path, tag: str) -> str:
     """Convert ``ckpt_dir/tag`` to DeepSpeed's universal format (once, on rank 0); return the new tag.
 
-    A collective when a process group is up: every rank must call it; a failure on rank 0 raises on every rank."""
+    The conversion runs DeepSpeed's ds_to_universal in a subprocess that reads every file weights-only
+    (livt_ds/universal.py): a file that would need arbitrary Python objects is refused (UnsafeWeightsError, on every
+    rank) before any of it is unpickled. A collective when a process group is up: every rank must call it; a failure
+    on rank 0 raises on every rank."""
+    from livt_ds import universal
+
     uni_tag = f"{tag}_universal"
-    error = None
+    error = refused = None
     if dist.is_main() and not (ckpt_dir / uni_tag).is_dir():
         tmp = ckpt_dir / f"{uni_tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
         print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint ...", flush=True)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
+        result = subprocess.run(universal.command(ckpt_dir / tag, tmp), capture_output=True, text=True,
+                                env={**os.environ, **universal.SAFE_ENV})
+        if result.returncode == universal.EXIT_REFUSED:
+            refused = result.stderr.strip().splitlines()[-1]
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif result.returncode != 0:
             error = f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}"
         else:
             tmp.rename(ckpt_dir / uni_tag)
-            (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
-    error = dist.broadcast_object(error)
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
+    error, refused = dist.broadcast_object((error, refused))
+    if refused:
+        from livt_ds.safe_load import UnsafeWeightsError
+
+        raise UnsafeWeightsError(refused)
     if error:
         raise CheckpointError(error)
     return uni_tag
-
 
 
 def model_states(tag_dir: Path) -> dict[str, Any]:
@@ -280,8 +289,13 @@ def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
 
 def _load_engine(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """Load model, optimizer and client state; the checkpoint must exist (DeepSpeed only warns otherwise)."""
+    from livt_ds.safe_load import UnsafeWeightsError, weights_only_loading
+
     try:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+        with weights_only_loading(ckpt_dir / tag):  # DeepSpeed's loader unpickles with weights_only=False
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    except UnsafeWeightsError:
+        raise
     except (RuntimeError, AssertionError) as exc:
         raise CheckpointError(f"{ckpt_dir / tag} does not match the model being trained "
                               f"(another model size or stage?): {str(exc)[:800]}") from exc

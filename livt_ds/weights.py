@@ -32,17 +32,21 @@ def written_by_bf16_optimizer(tag_dir: Path) -> bool:
     optimizer state has no ``zero_stage``, so DeepSpeed's zero_to_fp32 cannot read it."""
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 
+    from livt_ds.safe_load import load_torch_file
+
     files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")))
     if not files:
         raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); "
                               "not a livt/DeepSpeed checkpoint")
-    optim = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+    optim = load_torch_file(files[0], mmap=True)[OPTIMIZER_STATE_DICT]
     return ZERO_STAGE not in optim
 
 
 def universal_state_dict(uni_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 parameters from a universal checkpoint folder (``zero/<name>/fp32.pt``, flat or shaped, bare or as
     ``{"param": tensor}``) reshaped to the recorded shapes, plus the buffers of its model states file."""
+    from livt_ds.safe_load import load_torch_file
+
     states = model_states(uni_dir)
     out: dict[str, torch.Tensor] = {}
     for name, shape in saved_param_shapes(states).items():
@@ -50,7 +54,7 @@ def universal_state_dict(uni_dir: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise CheckpointError(f"{uni_dir}: {path.relative_to(uni_dir)} missing; the universal conversion is "
                                   f"incomplete (delete {uni_dir} to redo it)")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = load_torch_file(path)
         tensor = saved["param"] if isinstance(saved, dict) else saved
         out[name] = tensor.float().reshape(shape)
     module = states.get("module") or {}

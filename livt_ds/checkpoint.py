@@ -111,10 +111,22 @@ class ResumePlan:
         return f"{self.tag}_universal" if self.needs_universal else self.tag
 
 
-def plan_resume(run_dir: Path, resume: str, world: int) -> ResumePlan | None:
-    """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start; a path: that run folder,
-    checkpoint folder or tag folder, which must hold a complete checkpoint. Reads files only."""
+def holds_checkpoints(run_dir: Path) -> bool:
+    """True when the run folder has saved a checkpoint (complete or not)."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    return ckpt_dir.is_dir() and any(p.name == "latest" or TAG_RE.match(p.name) for p in ckpt_dir.iterdir())
+
+
+def plan_resume(run_dir: Path, resume: str, world: int, *, overwrite: bool = False) -> ResumePlan | None:
+    """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start, in a folder without
+    checkpoints unless ``overwrite`` (the caller then clears it); a path: that run folder, checkpoint folder or tag
+    folder, which must hold a complete checkpoint. Reads files only."""
     if resume == "none":
+        if not overwrite and holds_checkpoints(run_dir):
+            raise CheckpointError(
+                f"--resume none: {run_dir} holds checkpoints of an earlier run; a fresh start there would mix the "
+                "two runs' checkpoints. Use another --output, --resume auto to continue it, or --overwrite to "
+                "delete its checkpoints, export, metrics and logs first (history.jsonl is kept)")
         return None
     if resume == "auto":
         ckpt_dir = checkpoint_dir(run_dir)
@@ -278,6 +290,17 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
     if problems:
         raise CheckpointError(f"{tag_dir} does not match the model being trained (another model size or stage?): "
                               + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""))
+
+
+def saved_step(tag_dir: Path) -> int:
+    """The optimizer step a complete checkpoint was saved at (from its train_state.json; else from its tag)."""
+    import json
+
+    state = tag_dir / STATE_FILE
+    if state.is_file():
+        return int(json.loads(state.read_text())["step"])
+    match = TAG_RE.match(tag_dir.name)
+    return int(match.group(1)) if match else 0
 
 
 def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:

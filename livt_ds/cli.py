@@ -32,6 +32,9 @@ def _run_args(parser: argparse.ArgumentParser, training: bool) -> None:
         parser.add_argument("--allow-recipe-change", action="store_true",
                             help="resume although the recipe changes what is trained (recorded in history.jsonl; "
                                  "with another train.epochs the lr follows the schedule planned for the new length)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="with --resume none: start over in a run folder that holds checkpoints, deleting "
+                                 "its checkpoints, export, evaluations, metrics and logs first (history.jsonl stays)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2 data.path=shards/x")
 
 
@@ -128,8 +131,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {done['images']} predictions and {done['errors']} unreadable-image lines to {done['output']}")
         return 0
     from livt_ds import dist
-    from livt_ds.config import load_recipe
+    from livt_ds.config import ConfigError, load_recipe
 
+    if getattr(args, "overwrite", False) and args.resume != "none":
+        raise ConfigError(f"--overwrite starts the run over: use it with --resume none (got --resume {args.resume})")
     recipe = load_recipe(args.config, args.overrides)  # fail on a bad recipe before any process group starts
     dist.init_distributed()
     try:
@@ -155,12 +160,13 @@ def _run_distributed(args: argparse.Namespace, recipe) -> int:
             print(f"expected top-1 (%) under other test priors (raw, and adjusted for the prior; loss {loss['name']}, "
                   f"tau {loss['tau']}):")
             print(prior_table_text(metrics["test_priors"]))
+            print(f"wrote {Path(metrics['output']) / 'metrics.json'}")
         return 0
     from livt_ds.engine import Trainer
 
     stage = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
     Trainer(stage, recipe, ds_config, args.output, resume=args.resume,
-            allow_recipe_change=args.allow_recipe_change).run()
+            allow_recipe_change=args.allow_recipe_change, overwrite=args.overwrite).run()
     return 0
 
 

@@ -97,11 +97,11 @@ class Trainer:
     throughout. Every attribute exists once ``__init__`` returns; `run` fills in the engine and the state."""
 
     def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, *, resume: str,
-                 allow_recipe_change: bool = False):
+                 allow_recipe_change: bool = False, overwrite: bool = False):
         if not recipe.data.path:
             raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
         self.stage, self.recipe, self.output = stage, recipe, Path(output)
-        self.resume, self.allow_recipe_change = resume, allow_recipe_change
+        self.resume, self.allow_recipe_change, self.overwrite = resume, allow_recipe_change, overwrite
         self.world = dist.world_size()
         self.remote = RemoteOptions.from_config(recipe.data)
         self.meta = load_meta(recipe.data.path, self.remote)
@@ -133,7 +133,9 @@ class Trainer:
         """Train to the end (or a stop); returns the best evaluation ({} when none)."""
         try:
             self._claim_run_folder()
-            self.plan = checkpoint.plan_resume(self.output, self.resume, self.world)
+            self.plan = checkpoint.plan_resume(self.output, self.resume, self.world, overwrite=self.overwrite)
+            if self.overwrite:
+                self._discard_earlier_run()
             if self.plan is not None:
                 self._check_recipe_change()
             self._write_run_files()
@@ -240,12 +242,22 @@ class Trainer:
                     diff = provenance.check_resume_recipe(saved, recipe_to_dict(self.recipe),
                                                           allow=self.allow_recipe_change,
                                                           checkpoint=str(self.plan.tag_dir), output=str(self.output))
+                    provenance.refuse_change_that_trains_nothing(diff, checkpoint.saved_step(self.plan.tag_dir),
+                                                                 self.end, str(self.plan.tag_dir))
                 except ConfigError as exc:
                     error = str(exc)
         error, diff, saved = dist.broadcast_object((error, diff, saved))
         if error:
             raise ConfigError(error)
         self.recipe_change, self.saved_recipe = diff, saved
+
+    def _discard_earlier_run(self) -> None:
+        """``--resume none --overwrite``: rank 0 deletes the earlier run's outputs (history.jsonl stays)."""
+        if dist.is_main():
+            deleted = provenance.discard_run_outputs(self.output)
+            if deleted:
+                print(f"[livt] --overwrite: deleted {', '.join(deleted)} of the earlier run in {self.output}")
+        dist.barrier()
 
     def _write_run_files(self) -> None:
         if dist.is_main():

@@ -9,6 +9,7 @@ config enables bf16.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +23,7 @@ from livt_ds.config import ConfigError, Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
+from livt_ds.model_record import follow_record, model_record, resolve_model
 from livt_ds.report import save_images
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task
@@ -54,14 +56,39 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
     save_images(result.images, output / "plots", step)
 
 
+def is_training_run(folder: Path) -> bool:
+    """A folder a training launch made (its files are training's alone)."""
+    return any((folder / name).exists() for name in ("checkpoints", "history.jsonl", "run.yaml"))
+
+
+def eval_folder(output: Path) -> Path:
+    """Where `livt eval --output OUTPUT` writes: OUTPUT itself, or for a training run ``OUTPUT/evals/<time>/``, so
+    that an evaluation never rewrites a run's config.yaml, metrics or logs (rank 0's choice, on every rank)."""
+    folder = output
+    if dist.is_main() and is_training_run(output):
+        folder = output / "evals" / time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while folder.exists():
+            folder, n = output / "evals" / f"{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    return Path(dist.broadcast_object(str(folder)))
+
+
 def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
+    """`livt eval`: metrics of ``model.init`` on ``data.path``'s eval split, written to `eval_folder` (returned as
+    ``metrics["output"]``). The test-prior adjustment follows the model's own training record (model_record.py)."""
     if not recipe.model.init:
         raise ConfigError("livt eval needs model.init=RUN_OR_EXPORT (a BFT run folder, checkpoint or export .pt)")
     if not recipe.data.path:
         raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
-    output = Path(output)
+    output = eval_folder(Path(output))
     remote = RemoteOptions.from_config(recipe.data)
-    task = FinetuneTask(recipe, load_meta(recipe.data.path, remote))
+    meta = load_meta(recipe.data.path, remote)
+    record = model_record(resolve_model(recipe.model.init), fallback_meta=meta)
+    recipe, class_counts, notes = follow_record(recipe, record, meta, recipe.model.init)
+    if dist.is_main():
+        for note in notes:
+            print(f"[livt] {note}", flush=True)
+    task = FinetuneTask(recipe, meta, class_counts=class_counts)
     model = task.build_model()
     missing = task.init_report["missing"]
     if missing:
@@ -77,6 +104,8 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
 
     result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True))
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
+    result.metrics["test_prior_loss"]["source"] = record.source if record else "--config"
+    result.metrics["notes"] = notes
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output / "config.yaml")
@@ -85,4 +114,4 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         save_evaluation(output, 0, result.metrics, result, log)
     finally:
         log.close()
-    return result.metrics
+    return {**result.metrics, "output": str(output)}

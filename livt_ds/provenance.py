@@ -247,6 +247,40 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
+# What a training launch writes into its run folder: `discard_run_outputs` deletes these for --overwrite.
+RUN_OUTPUTS = ("checkpoints", "export", "evals", "tensorboard", "plots", "metrics.jsonl", "metrics.json",
+               "best_metrics.json", "status.json", "config.yaml", "ds_config.json", "run.yaml")
+
+
+def discard_run_outputs(run_dir: Path) -> list[str]:
+    """Delete an earlier run's outputs from ``run_dir`` (``--resume none --overwrite``); history.jsonl stays, so
+    the folder still tells what was trained there before. Returns the names deleted."""
+    import shutil
+
+    deleted = []
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def refuse_change_that_trains_nothing(diff: dict[str, list[Any]], step: int, end: int, checkpoint: str) -> None:
+    """A resume that changes what is trained but trains no step would only relabel the checkpoint's weights (its
+    exports and evaluations follow the checkpoint's own recipe, never the new one): refused."""
+    training = [k for k in diff if not is_bookkeeping(k)]
+    if training and step >= end:
+        raise ConfigError(f"{checkpoint} is at step {step} and this launch ends at step {end}: it would train "
+                          f"nothing, so the recipe change ({', '.join(training)}) would describe no weights. "
+                          "Raise train.epochs (or train.stop_after_steps) to train under the new recipe, or start "
+                          "a new run with another --output.")
+
+
 def model_provenance(run_dir: Path | None, tag: str | None, recipe: dict[str, Any] | None) -> dict[str, Any]:
     """What a metrics.json or an export records about the weights it came from."""
     return {"run": str(Path(run_dir).resolve()) if run_dir else None, "checkpoint_tag": tag,

@@ -66,11 +66,18 @@ def _refusal(where: str | Path, exc: BaseException) -> UnsafeWeightsError:
 
 def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu", **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True)`` with the allow-list; a clear UnsafeWeightsError otherwise."""
+    _allow()
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
+
+
+@functools.cache
+def _allow() -> None:
+    """Register the allow-list with torch for this process, once. (Process-wide rather than torch's
+    ``safe_globals`` context: those contexts do not nest, the inner one's exit removes the outer one's entries.)"""
+    torch.serialization.add_safe_globals(allowed_globals())
 
 
 def _file_name(f: Any) -> str:
@@ -100,7 +107,7 @@ def _weights_only(load: Any) -> Any:
 def install_weights_only_loading() -> None:
     """For the rest of this process, every ``torch.load`` loads weights-only with the allow-list (for a process
     that runs a third-party converter and nothing else: livt_ds/universal.py)."""
-    torch.serialization.add_safe_globals(allowed_globals())
+    _allow()
     torch.load = torch.serialization.load = _weights_only(torch.load)
 
 
@@ -113,11 +120,11 @@ def weights_only_loading(where: str | Path) -> Iterator[None]:
     UnsafeWeightsError naming it; an UnpicklingError that reaches here otherwise (as the cause of a wrapping error)
     becomes one naming ``where``. Not thread-safe.
     """
+    _allow()
     original = torch.load
     torch.load = torch.serialization.load = _weights_only(original)
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            yield
+        yield
     except UnsafeWeightsError:
         raise
     except Exception as exc:

@@ -144,11 +144,12 @@ class FinetuneTask:
     stage = "finetune"
     best_metric = ("top1", "max")
 
-    def __init__(self, recipe: Recipe, meta: dict) -> None:
+    def __init__(self, recipe: Recipe, meta: dict, class_counts: list[int] | None = None) -> None:
+        """``class_counts``: the training prior, when it is not ``meta``'s (`livt eval` passes the model's own)."""
         self.recipe = recipe
         self.meta = meta
         self.mean, self.std = normalisation(recipe, meta)
-        self.class_counts = train_class_counts(meta, recipe.data.train_split)
+        self.class_counts = class_counts or train_class_counts(meta, recipe.data.train_split)
         self.num_classes = int(meta["num_classes"])
         a, lo = recipe.augment, recipe.loss
         self.mixup = transforms.build_mixup(self.num_classes, a.mixup, a.cutmix, a.label_smoothing)

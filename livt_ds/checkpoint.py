@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import glob
-import os
+import json
 import re
 import shutil
 import subprocess
@@ -233,7 +233,7 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint ...", flush=True)
         result = subprocess.run(universal.command(ckpt_dir / tag, tmp), capture_output=True, text=True,
-                                env={**os.environ, **universal.SAFE_ENV})
+                                env=universal.environment())
         if result.returncode == universal.EXIT_REFUSED:
             refused = result.stderr.strip().splitlines()[-1]
             shutil.rmtree(tmp, ignore_errors=True)
@@ -294,8 +294,6 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
 
 def saved_step(tag_dir: Path) -> int:
     """The optimizer step a complete checkpoint was saved at (from its train_state.json; else from its tag)."""
-    import json
-
     state = tag_dir / STATE_FILE
     if state.is_file():
         return int(json.loads(state.read_text())["step"])

@@ -15,7 +15,14 @@ import os
 import sys
 
 EXIT_REFUSED = 3
-SAFE_ENV = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}  # for any process the converter starts
+
+
+def environment() -> dict[str, str]:
+    """The converter's environment: this one, with this copy of livt_ds importable first and weights-only loading
+    forced for any process the converter might start."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
 
 
 def command(input_folder: str | os.PathLike, output_folder: str | os.PathLike) -> list[str]:

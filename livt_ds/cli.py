@@ -1,4 +1,5 @@
-"""`livt {shard,pretrain,finetune,eval,export,predict}` (also `python -m livt_ds ...`, under the deepspeed launcher)."""
+"""`livt {shard,pretrain,finetune,eval,export,predict,compare}` (also `python -m livt_ds ...`, under the
+deepspeed launcher)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(sub.add_parser("pretrain", help="MGP: masked generative pretraining"), training=True)
     _run_args(sub.add_parser("finetune", help="BFT: balanced fine-tuning (model.init = an MGP run or export)"),
               training=True)
-    _run_args(sub.add_parser("eval", help="evaluate a BFT run or export (model.init) on data.path"), training=False)
+    evaluation = sub.add_parser("eval", help="evaluate a BFT run or export (model.init) on data.path")
+    _run_args(evaluation, training=False)
+    evaluation.add_argument("--split", default=None,
+                            help="split of data.path to evaluate (default data.eval_split); 'test' reads the test "
+                                 "split")
+    sub.add_parser("compare", help="compare finished runs side by side, test numbers included (python -m "
+                                    "livt_ds.compare --help)", add_help=False)
     export = sub.add_parser("export", help="consolidated fp32 weights of a run, loadable without DeepSpeed")
     export.add_argument("run", help="run folder (holding checkpoints/)")
     export.add_argument("--output", default=None, help="default RUN/export")
@@ -92,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from livt_ds.data.make_shards import main as shard_main
 
         return shard_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from livt_ds.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if r.startswith("-") or "=" not in r]
@@ -150,11 +161,11 @@ def _run_distributed(args: argparse.Namespace, recipe) -> int:
     if args.command == "eval":
         from livt_ds.evaluate import run_eval
 
-        metrics = run_eval(recipe, ds_config, args.output)
+        metrics = run_eval(recipe, ds_config, args.output, split=args.split)
         if dist.is_main():
             from livt_ds.report import prior_table_text
 
-            shown = {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece", "mce", "num_samples")}
+            shown = {k: metrics[k] for k in ("split", "top1", "many", "medium", "few", "ece", "mce", "num_samples")}
             print(json.dumps(shown))
             loss = metrics["test_prior_loss"]
             print(f"expected top-1 (%) under other test priors (raw, and adjusted for the prior; loss {loss['name']}, "

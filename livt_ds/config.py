@@ -48,7 +48,8 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a shard set folder made by scripts/make_shards.py, or its URL (http(s)://, s3://, gs://, pipe:)
     train_split: str = "train"
-    eval_split: str = "val"
+    eval_split: str = "val"  # evaluations during training, and the choice of the best checkpoint, read this split
+    test_split: str | None = "auto"  # read once at the end of BFT; auto: meta.json's test split; null: none
     num_workers: int = 4
     mean: list[float] | None = None  # None: meta.json's measured mean, else ImageNet's
     std: list[float] | None = None
@@ -77,9 +78,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "bal_bce"  # ce | bal_ce | bce | bal_bce
-    tau: float = 1.0
-    test_prior: list[float] | None = None  # None: uniform (balanced test set)
+    name: str = "bal_bce"  # ce | bal_ce | bce | bal_bce | focal | cb_ce | cb_focal | ldam (livt_ds/losses.py)
+    tau: float = 1.0  # bal_ce, bal_bce: scale of the logit bias
+    test_prior: list[float] | None = None  # bal_ce, bal_bce: None = uniform (balanced test set)
+    gamma: float = 2.0  # focal, cb_focal: the focusing exponent
+    beta: float = 0.9999  # cb_ce, cb_focal, ldam's DRW: class-balanced weights (1 - beta) / (1 - beta^n_c)
+    max_margin: float = 0.5  # ldam: the rarest class's margin
+    scale: float = 30.0  # ldam: s in cross_entropy(s * (z - m_y onehot(y)), y)
+    drw_epoch: int | None = None  # ldam: re-weight from this (0-based) epoch on; None = 80 % of train.epochs
+
+    def __post_init__(self) -> None:
+        from livt_ds.losses import LOSS_NAMES
+
+        if self.name not in LOSS_NAMES:
+            raise ConfigError(f"loss.name={self.name!r} is unknown; valid names: {', '.join(LOSS_NAMES)}")
+        checks = (("gamma", self.gamma >= 0, ">= 0 (0 is cross-entropy)"), ("beta", 0 <= self.beta < 1, "in [0, 1)"),
+                  ("max_margin", self.max_margin > 0, "> 0"), ("scale", self.scale > 0, "> 0"),
+                  ("drw_epoch", self.drw_epoch is None or self.drw_epoch >= 0, ">= 0 (or null for 80 % of epochs)"))
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"loss.{key}={getattr(self, key)}: must be {rule}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,18 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------------------- recipe I/O
+
+
+def check_loss_targets(recipe: Recipe) -> None:
+    """Refuse a loss that needs hard labels together with augmentations that make soft targets."""
+    from livt_ds.losses import HARD_LABEL_LOSSES
+
+    a = recipe.augment
+    soft = {k: v for k, v in (("mixup", a.mixup), ("cutmix", a.cutmix), ("label_smoothing", a.label_smoothing)) if v}
+    if recipe.loss.name in HARD_LABEL_LOSSES and soft:
+        raise ConfigError(f"loss.name={recipe.loss.name} needs hard labels (its margin belongs to one true class), "
+                          f"but augment makes soft targets ({', '.join(f'{k}={v}' for k, v in soft.items())}); "
+                          "set " + " ".join(f"augment.{k}=0" for k in soft))
 
 
 def _field_names(cls: type) -> list[str]:
@@ -287,10 +317,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return _build(Recipe, tree, "")
+        recipe = _build(Recipe, tree, "")
+        check_loss_targets(recipe)
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

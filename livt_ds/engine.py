@@ -29,6 +29,7 @@ from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.run_log import Logger
 from livt_ds.seeding import seed_everything
 from livt_ds.tasks import Task, build_task
+from livt_ds.test_split import evaluate_test_once
 from livt_ds.train_state import Best, Schedule, TrainState, write_status
 
 
@@ -166,6 +167,8 @@ class Trainer:
         try:
             self._status("train")
             self._loop()
+            evaluate_test_once(self.task, self.recipe, self.output, self.remote, self.state, self.log,
+                               finished=self.state.step >= s.total_steps)
             reason = ("sigterm" if self.stop_requested else "finished" if self.state.step >= s.total_steps
                       else "stop_after_steps")
             self._status("finished" if reason == "finished" else "stopped")
@@ -212,6 +215,7 @@ class Trainer:
             for micro, (images, labels) in enumerate(loader, start=1):
                 if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
                     apply_lr(self.optimizer, s.lr(state.step))
+                    self.task.set_epoch(s.epoch_of(state.step))
                 self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
                 if micro % s.accumulation == 0:
                     state.step += 1

@@ -32,9 +32,9 @@ from livt_ds.weights import weights_provenance
 
 
 def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
-             cast: Callable[[torch.Tensor], torch.Tensor]) -> EvalResult:
-    """``task.evaluate`` over ``recipe.data.eval_split``, sharded over the ranks (a collective)."""
-    loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=task.eval_transform(),
+             cast: Callable[[torch.Tensor], torch.Tensor], split: str | None = None) -> EvalResult:
+    """``task.evaluate`` over ``split`` (default ``recipe.data.eval_split``), sharded over the ranks (a collective)."""
+    loader = eval_loader(recipe.data.path, split=split or recipe.data.eval_split, transform=task.eval_transform(),
                          batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
                          rank=dist.rank(), world_size=dist.world_size(), remote=remote)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
@@ -73,9 +73,10 @@ def eval_folder(output: Path) -> Path:
     return Path(dist.broadcast_object(str(folder)))
 
 
-def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
-    """`livt eval`: metrics of ``model.init`` on ``data.path``'s eval split, written to `eval_folder` (returned as
-    ``metrics["output"]``). The test-prior adjustment follows the model's own training record (model_record.py)."""
+def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str | None = None) -> dict[str, Any]:
+    """`livt eval`: the model of ``model.init`` on ``split`` (default ``data.eval_split``; ``test`` reads the test
+    split) -> metrics.json in `eval_folder` (returned as ``metrics["output"]``). The test-prior adjustment follows the
+    model's own training record (model_record.py)."""
     if not recipe.model.init:
         raise ConfigError("livt eval needs model.init=RUN_OR_EXPORT (a BFT run folder, checkpoint or export .pt)")
     if not recipe.data.path:
@@ -83,12 +84,18 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
     output = eval_folder(Path(output))
     remote = RemoteOptions.from_config(recipe.data)
     meta = load_meta(recipe.data.path, remote)
+    split = split or recipe.data.eval_split
+    if split not in meta.get("splits", {}):
+        declared = meta.get("test_split")
+        hint = f"; its test set is the split '{declared}' (meta.json test_split)" if declared else ""
+        raise ConfigError(f"--split {split}: the shard set {recipe.data.path} has no such split (its splits: "
+                          f"{sorted(meta.get('splits', {}))}){hint}")
     record = model_record(resolve_model(recipe.model.init), fallback_meta=meta)
-    recipe, class_counts, notes = follow_record(recipe, record, meta, recipe.model.init)
+    recipe, trained_with, class_counts, notes = follow_record(recipe, record, meta, recipe.model.init)
     if dist.is_main():
         for note in notes:
             print(f"[livt] {note}", flush=True)
-    task = FinetuneTask(recipe, meta, class_counts=class_counts)
+    task = FinetuneTask(recipe, meta, class_counts=class_counts, trained_with=trained_with)
     model = task.build_model()
     missing = task.init_report["missing"]
     if missing:
@@ -102,7 +109,8 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
             return model(images)
 
-    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True))
+    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+    result.metrics["split"] = split
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     result.metrics["test_prior_loss"]["source"] = record.source if record else "--config"
     result.metrics["notes"] = notes

@@ -189,25 +189,30 @@ def model_record(source: ModelSource, fallback_meta: dict | None = None) -> Mode
 
 
 def follow_record(recipe: Recipe, record: ModelRecord | None, meta: dict,
-                  model: str) -> tuple[Recipe, list[int] | None, list[str]]:
-    """``recipe`` with the loss the model was trained with, the model's training class counts, and notes for the
-    user: what `livt eval` adjusts test priors with. The command line's loss never relabels a model: a different
-    one is ignored, with a note. Classes other than the evaluated shard set's are refused."""
+                  model: str) -> tuple[Recipe, dict[str, Any] | None, list[int] | None, list[str]]:
+    """What `livt eval` adjusts test priors with: ``recipe`` with the loss the model was trained with, the recipe
+    dict the adjustment follows (the model's: its loss keys and epochs), the model's training class counts, and
+    notes for the user. The command line's loss never relabels a model: a different one is ignored, with a note.
+    A model of other classes than the evaluated shard set's is refused."""
     import dataclasses
 
-    from livt_ds.config import ConfigError, LossConfig
+    from livt_ds.config import ConfigError, LossConfig, recipe_from_dict
     from livt_ds.data.shards import train_class_counts
 
     if record is None:
-        return recipe, None, [f"model.init={model} carries no record of its training (a .safetensors without "
-                              f"config.json): the test-prior adjustment uses --config's loss {recipe.loss.name}"]
+        return recipe, None, None, [f"model.init={model} carries no record of its training (a .safetensors without "
+                                    f"config.json): the test-prior adjustment uses --config's loss {recipe.loss.name}"]
     names = [str(n) for n in meta.get("classes", [])]
     if record.class_names is not None and [str(n) for n in record.class_names] != names:
         raise ConfigError(f"model.init={model} was trained on other classes than {recipe.data.path} holds "
                           f"({list(record.class_names)[:4]}... vs {names[:4]}...): evaluate it on its own data set")
+    if record.recipe is not None:
+        trained, trained_with = recipe_from_dict(record.recipe).loss, record.recipe
+    else:
+        known = {f.name for f in dataclasses.fields(LossConfig)}
+        trained = LossConfig(**{k: v for k, v in record.loss.items() if k in known})
+        trained_with = {"loss": dataclasses.asdict(trained)}
     notes = []
-    trained = LossConfig(name=record.loss["name"], tau=float(record.loss.get("tau", 1.0)),
-                         test_prior=record.loss.get("test_prior"))
     if trained != recipe.loss:
         notes.append(f"the model was trained with loss {_describe(trained)} ({record.source}); --config's loss "
                      f"{_describe(recipe.loss)} is ignored: the test-prior adjustment follows the model")
@@ -215,7 +220,7 @@ def follow_record(recipe: Recipe, record: ModelRecord | None, meta: dict,
     if counts is not None and counts != train_class_counts(meta, recipe.data.train_split):
         notes.append(f"the model's training class counts ({record.source}) differ from {recipe.data.path}'s "
                      f"{recipe.data.train_split} split: the shot groups and test priors use the model's")
-    return dataclasses.replace(recipe, loss=trained), counts, notes
+    return dataclasses.replace(recipe, loss=trained), trained_with, counts, notes
 
 
 def _describe(loss) -> str:

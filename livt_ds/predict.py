@@ -29,7 +29,7 @@ from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard
 from livt_ds.data.transforms import eval_transform
 from livt_ds.hub import CONFIG_NAME, build_timm_model, hub_config, model_weights
 from livt_ds.model_record import resolve_model
-from livt_ds.priors import prior_adjustment, resolve_prior
+from livt_ds.priors import recipe_prior_adjustment, resolve_prior
 from livt_ds.weights import run_export_config, source_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -98,9 +98,8 @@ def load_predictor(spec: str | Path, test_prior: str | None = None, device: torc
     if test_prior:
         livt = config["livt"]
         prior = resolve_prior(test_prior, livt["class_counts"], config["label_names"])
-        loss = livt["loss"]
-        adjustment = prior_adjustment(livt["class_counts"], loss["name"], prior, tau=loss["tau"],
-                                      loss_test_prior=loss.get("test_prior"))
+        adjustment = recipe_prior_adjustment(livt["class_counts"], {"loss": livt["loss"], **livt.get("recipe", {})},
+                                             prior)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Predictor(model.to(device).eval(), config, adjustment.to(device))
 

@@ -23,11 +23,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from livt_ds.config import ConfigError
+from livt_ds.config import ConfigError, Recipe, merge_trees, recipe_to_dict
 
 # Keys whose change does not change what is trained: how often to evaluate, log and save, and where to stop.
 BOOKKEEPING_SECTIONS = ("eval.", "log.", "checkpoint.")
-BOOKKEEPING_KEYS = ("train.stop_after_steps",)
+BOOKKEEPING_KEYS = ("train.stop_after_steps", "data.test_split")  # data.test_split: read after training
 PACKAGES = ("livt-ds", "torch", "deepspeed", "timm", "webdataset")
 
 
@@ -60,7 +60,7 @@ def check_resume_recipe(old: dict[str, Any], new: dict[str, Any], *, allow: bool
                         output: str) -> dict[str, list[Any]]:
     """The recipe diff between a checkpoint's recipe and the resumed run's; raises ConfigError when a key that
     changes what is trained differs and ``allow`` is False. Bookkeeping changes always pass."""
-    diff = recipe_diff(old, new)
+    diff = recipe_diff(merge_trees(recipe_to_dict(Recipe()), old), new)  # keys newer than the checkpoint: defaults
     training = {k: v for k, v in diff.items() if not is_bookkeeping(k)}
     if training and not allow:
         lines = "\n".join(f"  {k}: {v[0]!r} -> {v[1]!r}" for k, v in training.items())

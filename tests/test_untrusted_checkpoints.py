@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BFT_ARGS, REPO, run_livt
+from PIL import Image
 
 from livt_ds.checkpoint import to_universal
 from livt_ds.config import load_recipe
@@ -147,9 +148,9 @@ def one_line_refusal(result, command: str) -> str:
 def test_the_commands_fail_with_one_line_and_rc_2(bft_with_universal, toy_shards, tmp_path):
     # predict: the payload sits in rank 1's optimizer shard, which only the universal converter reads
     run, marker = crafted(bft_with_universal, "optim_rank1", tmp_path / "a")
-    images = tmp_path / "images"
-    images.mkdir()
-    result = run_livt(["predict", "--model", str(run), "--input", str(images), "--output",
+    image = tmp_path / "image.png"
+    Image.new("RGB", (20, 20)).save(image)
+    result = run_livt(["predict", "--model", str(run), "--input", str(image), "--output",
                        str(tmp_path / "p.jsonl")], ranks=0, check=False)
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in one_line_refusal(result, "predict")
     assert not marker.exists()

@@ -24,7 +24,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,11 @@ from typing import Any
 
 import torch
 
-from livt_ds import dist, provenance
+from livt_ds import dist, provenance, universal
 from livt_ds.config import CheckpointConfig, Recipe, recipe_from_dict, recipe_to_dict
-from livt_ds.errors import CheckpointError, ConfigError
+from livt_ds.errors import CheckpointError, ConfigError, UnsafeWeightsError
 from livt_ds.run_files import CHECKPOINTS, LATEST, STATE_FILE, write_json_atomic, write_text_atomic
-from livt_ds.safe_load import load_torch_file
+from livt_ds.safe_load import load_torch_file, weights_only_loading
 from livt_ds.seeding import rng_state, set_rng_state
 from livt_ds.train_state import Schedule, TrainState
 
@@ -131,17 +130,29 @@ class ResumePlan:
                      f"lr at step {self.step} {lr[0]:.3g} -> {lr[1]:.3g}")
         return [text, *self.stream_warnings]
 
+def holds_checkpoints(run_dir: Path) -> bool:
+    """True when the run folder has saved a checkpoint (complete or not)."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    return ckpt_dir.is_dir() and any(p.name == LATEST or TAG_RE.match(p.name) for p in ckpt_dir.iterdir())
 
-def plan_resume(run_dir: Path, resume: str, world: int, *, recipe: Recipe | None = None,
+
+def plan_resume(run_dir: Path, resume: str, world: int, *, overwrite: bool = False, recipe: Recipe | None = None,
                 schedule: Schedule | None = None, allow_recipe_change: bool = False,
                 data_sha256: str | None = None) -> ResumePlan | None:
-    """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start; a path: that run folder,
-    checkpoint folder or tag folder, which must hold a complete checkpoint. Reads files only.
+    """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start, in a folder without
+    checkpoints unless ``overwrite`` (the caller then clears it); a path: that run folder, checkpoint folder or tag
+    folder, which must hold a complete checkpoint. Reads files only.
 
     With the launch's ``recipe`` and ``schedule``, the plan also holds what differs from the checkpoint; a recipe
-    change that alters what is trained raises ConfigError unless ``allow_recipe_change``. ``data_sha256``: the
-    digest of the launch's meta.json (another copy of the same shard set is no change)."""
+    change that alters what is trained raises ConfigError unless ``allow_recipe_change``, and so does one that would
+    train no step (it would only relabel the checkpoint's weights). ``data_sha256``: the digest of the launch's
+    meta.json (another copy of the same shard set is no change)."""
     if resume == "none":
+        if not overwrite and holds_checkpoints(run_dir):
+            raise CheckpointError(
+                f"--resume none: {run_dir} holds checkpoints of an earlier run; a fresh start there would mix the "
+                "two runs' checkpoints. Use another --output, --resume auto to continue it, or --overwrite to "
+                "delete its checkpoints, export, metrics and logs first (history.jsonl is kept)")
         return None
     if resume == "auto":
         ckpt_dir = checkpoint_dir(run_dir)
@@ -166,6 +177,9 @@ def plan_resume(run_dir: Path, resume: str, world: int, *, recipe: Recipe | None
     diff = None if saved is None else provenance.check_resume_recipe(
         saved, recipe_to_dict(recipe), allow=allow_recipe_change, checkpoint=str(plan.tag_dir),
         output=str(run_dir), data_sha256=(state.data_sha256, data_sha256))
+    end = schedule.total_steps if recipe.train.stop_after_steps is None else min(schedule.total_steps,
+                                                                                recipe.train.stop_after_steps)
+    provenance.refuse_change_that_trains_nothing(diff or {}, state.step, end, str(plan.tag_dir))
     return dataclasses.replace(plan, step=state.step, recipe_change=diff,
                                schedule_change=schedule_change(saved, diff, schedule, state.step),
                                stream_warnings=stream_warnings(state, schedule, recipe, world))
@@ -357,7 +371,10 @@ def restore(engine, plan: ResumePlan, stage: str) -> TrainState:
 def to_universal(ckpt_dir: Path, tag: str) -> str:
     """Convert ``ckpt_dir/tag`` to DeepSpeed's universal format (once, on rank 0); return the new tag.
 
-    A collective when a process group is up: every rank must call it; a failure on rank 0 raises on every rank."""
+    The conversion runs DeepSpeed's ds_to_universal in a subprocess that reads every file weights-only
+    (livt_ds/universal.py): a file that would need arbitrary Python objects is refused (UnsafeWeightsError, on every
+    rank) before any of it is unpickled. A collective when a process group is up: every rank must call it; a failure
+    on rank 0 raises on every rank."""
     uni_tag = f"{tag}_universal"
 
     def convert() -> None:
@@ -365,19 +382,19 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
             return
         tmp = ckpt_dir / f"{uni_tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
         print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint ...", flush=True)
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(universal.command(ckpt_dir / tag, tmp), capture_output=True, text=True,
+                                env=universal.environment())
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
+        if result.returncode == universal.EXIT_REFUSED:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UnsafeWeightsError(result.stderr.strip().splitlines()[-1])
         if result.returncode != 0:
             raise CheckpointError(f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}")
         tmp.rename(ckpt_dir / uni_tag)
-        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
 
     dist.on_main(convert)
     return uni_tag
-
 
 def model_states(tag_dir: Path) -> dict[str, Any]:
     """The rank-0 ``*model_states.pt`` of a tag folder: param_shapes, buffer_names, the module state dict."""
@@ -437,7 +454,10 @@ def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
 def _load_engine(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """Load model, optimizer and client state; the checkpoint must exist (DeepSpeed only warns otherwise)."""
     try:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+        with weights_only_loading(ckpt_dir / tag):  # DeepSpeed's loader unpickles with weights_only=False
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    except UnsafeWeightsError:
+        raise
     except (RuntimeError, AssertionError) as exc:
         raise CheckpointError(f"{ckpt_dir / tag} does not match the model being trained "
                               f"(another model size or stage?): {str(exc)[:800]}") from exc

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,7 @@ from livt_ds.errors import (
 from livt_ds.evaluate import run_eval
 from livt_ds.predict import default_workers, run_predict
 from livt_ds.report import prior_table_text
+from livt_ds.run_files import EVAL_METRICS
 from livt_ds.weights import export
 
 EXIT_BAD_INPUT = 2
@@ -54,6 +56,9 @@ def _run_args(parser: argparse.ArgumentParser, training: bool) -> None:
         parser.add_argument("--allow-recipe-change", action="store_true",
                             help="resume although the recipe changes what is trained (recorded in history.jsonl; "
                                  "with another train.epochs the lr follows the schedule planned for the new length)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="with --resume none: start over in a run folder that holds checkpoints, deleting "
+                                 "its checkpoints, export, evaluations, metrics and logs first (history.jsonl stays)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2 data.path=shards/x")
 
 
@@ -171,6 +176,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
         print(f"wrote {done['images']} predictions and {done['errors']} unreadable-image lines to {done['output']}")
         return 0
+    if getattr(args, "overwrite", False) and args.resume != "none":
+        raise ConfigError(f"--overwrite starts the run over: use it with --resume none (got --resume {args.resume})")
     recipe = load_recipe(args.config, args.overrides)  # fail on a bad recipe before any process group starts
     dist.init_distributed()
     try:
@@ -190,9 +197,10 @@ def _run_distributed(args: argparse.Namespace, recipe) -> int:
             print(f"expected top-1 (%) under other test priors (raw, and adjusted for the prior; loss {loss['name']}, "
                   f"tau {loss['tau']}):")
             print(prior_table_text(metrics["test_priors"]))
+            print(f"wrote {Path(metrics['output']) / EVAL_METRICS}")
         return 0
     run, state = open_run(args.command, recipe, ds_config, args.output, args.resume,
-                          allow_recipe_change=args.allow_recipe_change)
+                          allow_recipe_change=args.allow_recipe_change, overwrite=args.overwrite)
     try:
         train(run, state)
     finally:

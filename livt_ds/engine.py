@@ -75,10 +75,11 @@ class Run:
 
 
 def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, resume: str = "auto", *,
-             allow_recipe_change: bool = False) -> tuple[Run, TrainState]:
+             allow_recipe_change: bool = False, overwrite: bool = False) -> tuple[Run, TrainState]:
     """Set up one launch of ``stage`` in the run folder ``output`` (a collective); `Run.close` releases it.
 
-    ``resume``: "auto" (the folder's latest checkpoint, if any), "none" or a checkpoint path (checkpoint.py)."""
+    ``resume``: "auto" (the folder's latest checkpoint, if any), "none" or a checkpoint path (checkpoint.py);
+    ``overwrite`` (with "none"): the earlier run's outputs in ``output`` are deleted first (history.jsonl stays)."""
     output, world = Path(output), dist.world_size()
     remote = RemoteOptions.from_config(recipe.data)
     meta = load_meta(recipe.data.path, remote)
@@ -92,8 +93,13 @@ def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path
     lock = provenance.RunLock(output) if dist.is_main() else None
     dist.on_main(lambda: bool(lock.acquire()))  # every rank fails together when a live run holds the folder
     try:
-        plan = checkpoint.agree_on_resume(output, resume, world, recipe=recipe, schedule=schedule,
-                                          allow_recipe_change=allow_recipe_change, data_sha256=data_sha256)
+        plan = checkpoint.agree_on_resume(output, resume, world, overwrite=overwrite, recipe=recipe,
+                                          schedule=schedule, allow_recipe_change=allow_recipe_change,
+                                          data_sha256=data_sha256)
+        if overwrite:
+            deleted = dist.on_main(lambda: provenance.discard_run_outputs(output))
+            if deleted and dist.is_main():
+                print(f"[livt] --overwrite: deleted {', '.join(deleted)} of the earlier run in {output}", flush=True)
         if dist.is_main():
             write_run_files(output, recipe, ds_config, {"stage": stage, "world_size": world,
                                                         "num_classes": meta.get("num_classes"),

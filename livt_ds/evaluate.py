@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,13 +27,18 @@ from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
 from livt_ds.errors import CheckpointError, ConfigError, IncompleteEvaluationError
+from livt_ds.model_record import follow_record, model_record, resolve_model
 from livt_ds.report import save_images
 from livt_ds.run_files import (
     BEST_METRICS,
+    CHECKPOINTS,
     CONFIG,
     DS_CONFIG,
     EVAL_METRICS,
+    EVALS,
+    HISTORY,
     PLOTS,
+    RUN_INFO,
     TEST_METRICS,
     write_json_atomic,
     write_status,
@@ -112,12 +118,30 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
     save_images(result.images, output / PLOTS, step)
 
 
+def is_training_run(folder: Path) -> bool:
+    """A folder a training launch made (its files are training's alone)."""
+    return any((folder / name).exists() for name in (CHECKPOINTS, HISTORY, RUN_INFO))
+
+
+def eval_folder(output: Path) -> Path:
+    """Where `livt eval --output OUTPUT` writes: OUTPUT itself, or for a training run ``OUTPUT/evals/<time>/``, so
+    that an evaluation never rewrites a run's config.yaml, metrics or logs (rank 0's choice, on every rank)."""
+    folder = output
+    if dist.is_main() and is_training_run(output):
+        folder = output / EVALS / time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while folder.exists():
+            folder, n = output / EVALS / f"{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    return Path(dist.broadcast_object(str(folder)))
+
+
 def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str | None = None) -> dict[str, Any]:
     """`livt eval`: the model of ``model.init`` on ``split`` (default ``data.eval_split``; ``test`` reads the test
-    split) -> OUTPUT/metrics.json."""
+    split) -> metrics.json in `eval_folder` (returned as ``metrics["output"]``). The test-prior adjustment follows the
+    model's own training record (model_record.py)."""
     if not recipe.model.init:
         raise ConfigError("livt eval needs model.init=RUN_OR_EXPORT (a BFT run folder, checkpoint or export .pt)")
-    output = Path(output)
+    output = eval_folder(Path(output))
     remote = RemoteOptions.from_config(recipe.data)
     meta = load_meta(recipe.data.path, remote)
     split = split or recipe.data.eval_split
@@ -126,7 +150,12 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str
         hint = f"; its test set is the split '{declared}' (meta.json test_split)" if declared else ""
         raise ConfigError(f"--split {split}: the shard set {recipe.data.path} has no such split (its splits: "
                           f"{sorted(meta.get('splits', {}))}){hint}")
-    task = FinetuneTask(recipe, meta)
+    record = model_record(resolve_model(recipe.model.init), fallback_meta=meta)
+    recipe, trained_with, class_counts, notes = follow_record(recipe, record, meta, recipe.model.init)
+    if dist.is_main():
+        for note in notes:
+            print(f"[livt] {note}", flush=True)
+    task = FinetuneTask(recipe, meta, class_counts=class_counts, trained_with=trained_with)
     model = task.build_model()
     missing = task.init_report["missing"]
     if missing:
@@ -145,6 +174,8 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str
         raise IncompleteEvaluationError(f"livt eval on {recipe.data.path}: {result.metrics['incomplete']['message']}")
     result.metrics["split"] = split
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
+    result.metrics["test_prior_loss"]["source"] = record.source if record else "--config"
+    result.metrics["notes"] = notes
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output / CONFIG)
@@ -153,7 +184,7 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str
         save_evaluation(output, 0, result.metrics, result, log)
     finally:
         log.close()
-    return result.metrics
+    return {**result.metrics, "output": str(output)}
 
 
 # ---------------------------------------------------------------------------------------------- the test split, once

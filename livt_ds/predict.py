@@ -25,18 +25,17 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from livt_ds.checkpoint import latest_tag
 from livt_ds.config import recipe_from_dict
 from livt_ds.data.pipeline import worker_context
 from livt_ds.data.remote import is_url, local_path, open_url
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
 from livt_ds.errors import CheckpointError, NothingPredictedError
-from livt_ds.hub import CONFIG_NAME, WEIGHTS_NAME, build_timm_model, hub_config, model_weights
+from livt_ds.hub import CONFIG_NAME, build_timm_model, hub_config, model_weights
+from livt_ds.model_record import resolve_model
 from livt_ds.priors import recipe_prior_adjustment, resolve_prior
-from livt_ds.run_files import CHECKPOINTS, EXPORT
 from livt_ds.safe_load import load_torch_file
-from livt_ds.weights import load_weights, run_export_config
+from livt_ds.weights import run_export_config, source_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -59,33 +58,32 @@ class Predictor:
 
 # ------------------------------------------------------------------------------------------------ the model
 def load_config_and_weights(spec: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(hub config, timm state dict) of an export folder, a run folder, a .safetensors file (config.json beside
-    it) or a livt .pt export. Weights are never unpickled beyond plain data (livt_ds/safe_load.py)."""
-    path = Path(spec)
-    for folder in (path, path / EXPORT):
-        if folder.is_dir() and (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
-            return json.loads((folder / CONFIG_NAME).read_text()), load_weights(folder / WEIGHTS_NAME)
-    if path.is_dir() and (path / CHECKPOINTS).is_dir():  # a run without export: consolidate its latest checkpoint
-        config = run_export_config(path, latest_tag(path / CHECKPOINTS) or "")
-        return config, model_weights(load_weights(path), config["livt"]["stage"])
-    if path.is_file() and path.suffix == ".safetensors":
-        if not (path.parent / CONFIG_NAME).is_file():
+    """(hub config, timm state dict) of an export folder, a run folder (its export while it is of the latest
+    checkpoint, else that checkpoint), a .safetensors file (config.json beside it) or a livt .pt export. Weights are
+    never unpickled beyond plain data (livt_ds/safe_load.py)."""
+    source = resolve_model(spec)
+    if source.ckpt_dir is not None:  # a run without a current export: consolidate its latest checkpoint
+        if source.run_dir is None:
+            raise CheckpointError(f"--model {spec}: a checkpoint outside a run folder; give the run folder or an "
+                                  "export (`livt export RUN`)")
+        config = run_export_config(source.run_dir, source.tag)
+        return config, model_weights(source_weights(source), config["livt"]["stage"])
+    path = source.file
+    if path.suffix == ".safetensors":
+        if source.config is None:
             raise CheckpointError(f"--model {path}: no {CONFIG_NAME} beside it; export with `livt export RUN`")
-        return json.loads((path.parent / CONFIG_NAME).read_text()), load_weights(path)
-    if path.is_file():
-        payload = load_torch_file(path)
-        if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
-            raise CheckpointError(f"--model {path}: not a livt export with class names; use the export folder "
-                                  "(config.json + model.safetensors) or re-export with `livt export RUN`")
-        recipe = recipe_from_dict(payload["recipe"])
-        mean, std = recipe.data.mean or payload.get("mean"), recipe.data.std or payload.get("std")
-        if mean is None or std is None:
-            raise CheckpointError(f"--model {path}: no normalisation recorded; use the export folder instead")
-        config = hub_config(recipe, payload.get("stage") or "finetune", payload["class_names"],
-                            payload["class_counts"], mean, std, tag=payload.get("tag"))
-        return config, model_weights(payload["model"], config["livt"]["stage"])
-    raise CheckpointError(f"--model {spec}: not found; give a run folder, an export folder (config.json + "
-                          f"{WEIGHTS_NAME}) or a weights file")
+        return json.loads(source.config.read_text()), source_weights(source)
+    payload = load_torch_file(path)
+    if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
+        raise CheckpointError(f"--model {path}: not a livt export with class names; use the export folder "
+                              "(config.json + model.safetensors) or re-export with `livt export RUN`")
+    recipe = recipe_from_dict(payload["recipe"])
+    mean, std = recipe.data.mean or payload.get("mean"), recipe.data.std or payload.get("std")
+    if mean is None or std is None:
+        raise CheckpointError(f"--model {path}: no normalisation recorded; use the export folder instead")
+    config = hub_config(recipe, payload.get("stage") or "finetune", payload["class_names"],
+                        payload["class_counts"], mean, std, tag=payload.get("tag"))
+    return config, model_weights(payload["model"], config["livt"]["stage"])
 
 
 def load_predictor(spec: str | Path, test_prior: str | None = None, device: torch.device | None = None) -> Predictor:

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 from livt_ds.config import Recipe, merge_trees, recipe_to_dict
 from livt_ds.dist import pid_alive
 from livt_ds.errors import ConfigError, RunLockedError
-from livt_ds.run_files import HISTORY, LOCK
+from livt_ds.run_files import HISTORY, LOCK, RUN_OUTPUTS
 
 # The recipe keys a resumed run may change: they say how a run is operated, not what it trains (a key ending in
 # ".*" stands for its whole section). Every other key defines training: a resume that changes it is refused unless
@@ -293,6 +294,37 @@ class RunLock:
         holder = self.holder()
         if holder and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
             self.path.unlink(missing_ok=True)
+
+
+def discard_run_outputs(run_dir: Path) -> list[str]:
+    """Delete an earlier run's outputs from ``run_dir`` (``--resume none --overwrite``); history.jsonl stays, so
+    the folder still tells what was trained there before. Returns the names deleted."""
+    deleted = []
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def refuse_change_that_trains_nothing(old: dict[str, Any], new: dict[str, Any], diff: dict[str, list[Any]],
+                                      data_sha256: tuple[str | None, str | None], step: int, end: int,
+                                      checkpoint: str) -> None:
+    """A resume that changes what is trained but trains no step would only relabel the checkpoint's weights (its
+    exports and evaluations follow the checkpoint's own recipe, never the new one): refused. ``old`` / ``new`` /
+    ``diff`` / ``data_sha256`` as `check_resume_recipe` had them."""
+    same_data = same_shard_set(old.get("data", {}).get("path"), new.get("data", {}).get("path"), *data_sha256)
+    training = list(split_changes(diff, same_data)["training"])
+    if training and step >= end:
+        raise ConfigError(f"{checkpoint} is at step {step} and this launch ends at step {end}: it would train "
+                          f"nothing, so the recipe change ({', '.join(training)}) would describe no weights. "
+                          "Raise train.epochs (or train.stop_after_steps) to train under the new recipe, or start "
+                          "a new run with another --output.")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ RUN/status.json          the phase (below)              RUN/plots/             e
 RUN/history.jsonl        one line per launch start/end  RUN/run.lock           held by the live launch
 RUN/checkpoints/<tag>/   ZeRO files + train_state.json  RUN/checkpoints/latest the newest complete tag
 RUN/export/              model.safetensors + config.json
+RUN/evals/<time>/        livt eval of this run
 RUN/test_metrics.json    the test split, read once at the end
 ```
 
@@ -47,6 +48,12 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # in CHECKPOINTS
 STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
 EXPORT = "export"
+EVALS = "evals"  # livt eval of a training run: one folder per evaluation
+TENSORBOARD = "tensorboard"
+
+# What a training launch writes into its run folder (``--resume none --overwrite`` deletes these; history.jsonl stays)
+RUN_OUTPUTS = (CHECKPOINTS, EXPORT, EVALS, TENSORBOARD, PLOTS, METRICS_LOG, EVAL_METRICS, BEST_METRICS, TEST_METRICS,
+               STATUS, CONFIG, DS_CONFIG, RUN_INFO)
 
 PHASES = ("setup", "train", "eval", "save", "finished", "stopped", "failed")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from livt_ds import dist
-from livt_ds.run_files import METRICS_LOG
+from livt_ds.run_files import METRICS_LOG, TENSORBOARD
 
 
 class Logger:
@@ -28,7 +28,7 @@ class Logger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(output / "tensorboard"))
+            self.writer = SummaryWriter(str(output / TENSORBOARD))
         if progress:
             from tqdm import tqdm
 

@@ -149,11 +149,14 @@ class FinetuneTask:
     stage = "finetune"
     best_metric = ("top1", "max")
 
-    def __init__(self, recipe: Recipe, meta: dict) -> None:
+    def __init__(self, recipe: Recipe, meta: dict, class_counts: list[int] | None = None,
+                 trained_with: dict | None = None) -> None:
+        """``class_counts`` / ``trained_with``: the training prior and the recipe dict the test-prior adjustment
+        follows, when they are not ``meta``'s and ``recipe``'s (`livt eval` passes the model's own)."""
         self.recipe = recipe
         self.meta = meta
         self.mean, self.std = normalisation(recipe, meta)
-        self.class_counts = train_class_counts(meta, recipe.data.train_split)
+        self.class_counts = class_counts or train_class_counts(meta, recipe.data.train_split)
         self.num_classes = int(meta["num_classes"])
         a, lo = recipe.augment, recipe.loss
         self.mixup = transforms.build_mixup(self.num_classes, a.mixup, a.cutmix, a.label_smoothing)
@@ -164,7 +167,7 @@ class FinetuneTask:
                                     beta=lo.beta, max_margin=lo.max_margin, scale=lo.scale, drw_epoch=drw_epoch)
         names = [*standard_prior_names(), *(p for p in recipe.eval.test_priors if p not in standard_prior_names())]
         self.test_priors = {name: resolve_prior(name, self.class_counts, meta.get("classes")) for name in names}
-        trained_with = recipe_to_dict(recipe)
+        trained_with = trained_with or recipe_to_dict(recipe)
         self.prior_adjustments = torch.stack([recipe_prior_adjustment(self.class_counts, trained_with, prior)
                                               for prior in self.test_priors.values()])
 

@@ -172,14 +172,15 @@ def plan_resume(run_dir: Path, resume: str, world: int, *, overwrite: bool = Fal
     plan = ResumePlan(ckpt_dir, tag, saved_world_size(ckpt_dir / tag), world)
     if recipe is None or schedule is None:
         return plan
-    state = saved_state(plan.tag_dir)
-    saved = saved_recipe(plan.tag_dir)
-    diff = None if saved is None else provenance.check_resume_recipe(
-        saved, recipe_to_dict(recipe), allow=allow_recipe_change, checkpoint=str(plan.tag_dir),
-        output=str(run_dir), data_sha256=(state.data_sha256, data_sha256))
-    end = schedule.total_steps if recipe.train.stop_after_steps is None else min(schedule.total_steps,
-                                                                                recipe.train.stop_after_steps)
-    provenance.refuse_change_that_trains_nothing(diff or {}, state.step, end, str(plan.tag_dir))
+    state, saved = saved_state(plan.tag_dir), saved_recipe(plan.tag_dir)
+    diff = None
+    if saved is not None:
+        new, digests = recipe_to_dict(recipe), (state.data_sha256, data_sha256)
+        diff = provenance.check_resume_recipe(saved, new, allow=allow_recipe_change, checkpoint=str(plan.tag_dir),
+                                              output=str(run_dir), data_sha256=digests)
+        stop = recipe.train.stop_after_steps
+        end = schedule.total_steps if stop is None else min(schedule.total_steps, stop)
+        provenance.refuse_change_that_trains_nothing(saved, new, diff, digests, state.step, end, str(plan.tag_dir))
     return dataclasses.replace(plan, step=state.step, recipe_change=diff,
                                schedule_change=schedule_change(saved, diff, schedule, state.step),
                                stream_warnings=stream_warnings(state, schedule, recipe, world))

@@ -147,11 +147,16 @@ def test_a_stale_export_gives_way_to_the_latest_checkpoint(pipeline_runs, tmp_pa
     assert weights_provenance(run)["checkpoint_tag"] == "step00000006"
 
 
-def _trainer(run: Path, toy_shards: Path, *overrides: str, **kwargs):
-    from livt_ds.engine import Trainer
+def _launch(run: Path, toy_shards: Path, *overrides: str, **kwargs) -> None:
+    """One in-process finetune launch into ``run`` (open_run, then train)."""
+    from livt_ds.engine import open_run, train
 
     recipe = load_recipe(REPO / "configs" / "tiny_bft.yaml", [f"data.path={toy_shards}", *overrides])
-    return Trainer("finetune", recipe, DS, run, **kwargs)
+    launch, state = open_run("finetune", recipe, DS, run, **kwargs)
+    try:
+        train(launch, state)
+    finally:
+        launch.close()
 
 
 @pytest.mark.slow
@@ -162,7 +167,7 @@ def test_a_fresh_start_in_a_used_folder_needs_overwrite(pipeline_runs, toy_shard
     run = copy_run(pipeline_runs / "bft", tmp_path, "tensorboard")
     before = sorted(p.name for p in run.rglob("*"))
     with pytest.raises(CheckpointError, match="--resume none: .* holds checkpoints of an earlier run.*--overwrite"):
-        _trainer(run, toy_shards, resume="none").run()
+        _launch(run, toy_shards, resume="none")
     assert sorted(p.name for p in run.rglob("*")) == before
     assert main(["finetune", *BFT_ARGS, "--output", str(run), "--overwrite"]) == 2  # only with --resume none
     history = (run / "history.jsonl").read_text()
@@ -192,6 +197,6 @@ def test_a_recipe_change_that_trains_nothing_is_refused(pipeline_runs, toy_shard
     same = [f"model.init={saved['model']['init']}", "augment.mixup=0", "augment.cutmix=0", "train.batch_size=16"]
     before = (run / "config.yaml").read_bytes(), (run / "history.jsonl").read_bytes()
     with pytest.raises(ConfigError, match=r"would train nothing, so the recipe change \(loss.name, train.batch_size"):
-        _trainer(run, toy_shards, *same, "loss.name=ce", resume="auto", allow_recipe_change=True).run()
+        _launch(run, toy_shards, *same, "loss.name=ce", resume="auto", allow_recipe_change=True)
     assert ((run / "config.yaml").read_bytes(), (run / "history.jsonl").read_bytes()) == before
     assert not (run / "run.lock").exists()

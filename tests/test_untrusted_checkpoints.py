@@ -110,11 +110,15 @@ def export(run: Path, toy_shards: Path, tmp_path: Path) -> None:
 
 def resume(run: Path, toy_shards: Path, tmp_path: Path) -> None:
     """A 1-process launch resuming the 2-rank checkpoint: the universal conversion comes first, before an engine."""
-    from livt_ds.engine import Trainer
+    from livt_ds.engine import open_run, train
 
     recipe = bft_recipe(run / "checkpoints", toy_shards, "model.init=", "augment.mixup=0", "augment.cutmix=0")
-    Trainer("finetune", recipe, str(REPO / "ds_configs" / "cpu_fp32.json"), tmp_path / "resumed",
-            resume=str(run), allow_recipe_change=True).run()
+    launch, state = open_run("finetune", recipe, str(REPO / "ds_configs" / "cpu_fp32.json"), tmp_path / "resumed",
+                             resume=str(run), allow_recipe_change=True)
+    try:
+        train(launch, state)
+    finally:
+        launch.close()
 
 
 # Every entry point meets every position. Where an in-process reader comes first it refuses; otherwise the universal

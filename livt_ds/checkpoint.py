@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from livt_ds.seeding import rng_state, set_rng_state
 from livt_ds.train_state import StateError, TrainState, write_json_atomic, write_text_atomic
 
 TAG_RE = re.compile(r"^step(\d{8})$")
+SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # one ZeRO optimizer shard per rank
 STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
 
 
@@ -134,6 +139,103 @@ def plan_resume(run_dir: Path, resume: str, world: int) -> ResumePlan | None:
     return ResumePlan(ckpt_dir, tag, saved_world_size(ckpt_dir / tag), world)
 
 
+# ------------------------------------------------------------------------------------------------ one decision
+SHARED_MARK = ".all_ranks_see_this"  # written by rank 0 in the run folder while the ranks agree on the resume
+
+
+def agree_on_resume(run_dir: str | Path, resume: str, world: int) -> ResumePlan | None:
+    """The launch's one resume decision (a collective: every rank calls it, every rank gets the same answer).
+
+    Rank 0 makes the plan (`plan_resume`) and broadcasts it, with a token it writes into the run folder. Every rank
+    then checks that it reads the token (the nodes share the output folder) and the files the plan names for it
+    (the model states and its own ZeRO shard, or the universal folder). If any rank cannot, every rank raises the
+    same `CheckpointError` naming the rank, its host and the folder that must be shared: never a hang on a
+    collective that only some ranks reach, never ranks resuming from different steps.
+    """
+    run_dir = Path(run_dir)
+    decision = None
+    if dist.is_main():
+        plan, error, token = None, None, uuid.uuid4().hex
+        try:
+            plan = plan_resume(run_dir, resume, world)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / SHARED_MARK, token)
+        except Exception as exc:  # raised on every rank below, so no rank waits for a broadcast that never comes
+            error = exc if isinstance(exc, CheckpointError) else CheckpointError(f"{run_dir}: {type(exc).__name__}: "
+                                                                                 f"{exc}")
+        decision = (plan, error, token, str(run_dir.resolve()), socket.gethostname())
+    plan, error, token, main_dir, main_host = dist.broadcast_object(decision)
+    if error is not None:
+        raise error
+    problem = unreadable_on_this_rank(run_dir, token, plan, dist.rank())
+    problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(run_dir.resolve()), problem))
+    if dist.is_main():
+        (run_dir / SHARED_MARK).unlink(missing_ok=True)
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(not_shared_message(problems, main_dir, main_host, "resume"))
+    return plan
+
+
+def unreadable_on_this_rank(run_dir: Path, token: str, plan: ResumePlan | None, rank: int) -> str | None:
+    """What this rank cannot read of the run folder and of ``plan``'s checkpoint (None: everything it needs)."""
+    mark = run_dir / SHARED_MARK
+    try:
+        if mark.read_text() != token:
+            return f"{mark} holds another launch's token"
+    except OSError:
+        return f"{mark}, written by rank 0, is not there"
+    if plan is None:
+        return None
+    universal = plan.ckpt_dir / f"{plan.tag}_universal"
+    if plan.needs_universal and universal.is_dir():  # converted earlier: this rank loads from it
+        needed = [universal / "zero", *glob.glob(str(universal / "*mp_rank_00_model_states.pt"))[:1]]
+        if len(needed) < 2 or not needed[0].is_dir():
+            return f"{universal} (the universal checkpoint) is incomplete or unreadable"
+        return None
+    needed = glob.glob(str(plan.tag_dir / "*mp_rank_00_model_states.pt"))[:1]
+    if not plan.needs_universal:  # its own optimizer shard, as this rank wrote it
+        needed += glob.glob(str(plan.tag_dir / f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))[:1]
+    if len(needed) < (1 if plan.needs_universal else 2):
+        what = "model states" if plan.needs_universal else f"model states or rank {rank}'s ZeRO optimizer shard"
+        return f"{plan.tag_dir} lacks the {what}"
+    for path in needed:
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as exc:
+            return f"{path}: {exc.strerror}"
+    return None
+
+
+def not_shared_message(problems: list[tuple[int, str, str, str]], main_dir: str, main_host: str, when: str) -> str:
+    """One message for every rank: which ranks (rank, host, the folder as they see it) miss what rank 0 wrote."""
+    shown = "; ".join(f"rank {rank} on {host} ({folder}): {what}" for rank, host, folder, what in problems[:4])
+    more = f"; and {len(problems) - 4} more ranks" if len(problems) > 4 else ""
+    return (f"{len(problems)} rank(s) cannot read what rank 0 on {main_host} wrote in {main_dir} at {when}: "
+            f"{shown}{more}. Every node must see the same output folder: put --output on a filesystem all nodes "
+            "share (an absolute path there), or copy the checkpoints to each node before a resume.")
+
+
+def check_every_rank_saved(tag_dir: Path, world: int) -> None:
+    """After a save (a collective): every rank sees every rank's optimizer shard in ``tag_dir``, so a checkpoint split
+    over nodes that do not share the output folder is refused before it is marked complete."""
+    try:
+        names = os.listdir(tag_dir)  # one listing per rank, not one per file: cheap on a parallel filesystem
+    except OSError:
+        names = []
+    seen = {int(m.group(1)) for m in map(SHARD_RE.search, names) if m}
+    missing: list = [r for r in range(world) if r not in seen]
+    if not any(name.endswith("mp_rank_00_model_states.pt") for name in names):
+        missing.append("the model states")
+    problem = f"sees no files of rank(s) {', '.join(map(str, missing))}" if missing else None
+    problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(tag_dir.resolve()), problem))
+    problems = [p for p in problems if p]
+    if problems:
+        main = dist.broadcast_object((str(tag_dir.resolve()), socket.gethostname()))
+        raise CheckpointError(not_shared_message(problems, main[0], main[1], f"the save of {tag_dir.name}"))
+
+
 # ------------------------------------------------------------------------------------------------ manager
 class CheckpointManager:
     """When the run saves, what a checkpoint holds, how it is written and pruned, and how a run comes back."""
@@ -158,6 +260,7 @@ class CheckpointManager:
         client = {"train_state": state.to_dict(), "rng": dist.gather_objects(rng_state()), "recipe": recipe}
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's files are written: only now is the tag complete
+        check_every_rank_saved(self.dir / tag, dist.world_size())
         if dist.is_main():
             write_json_atomic(self.dir / tag / STATE_FILE, state.to_dict())
             write_text_atomic(self.dir / "latest", tag)
@@ -276,6 +379,14 @@ def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
     recipe = model_states(tag_dir).get("recipe")
     return recipe if isinstance(recipe, dict) else None
 
+
+
+def saved_data_sha256(tag_dir: Path) -> str | None:
+    """The meta.json digest of the shard set a checkpoint was trained on (None for a checkpoint without one)."""
+    try:
+        return json.loads((tag_dir / STATE_FILE).read_text()).get("data_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_engine(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_DATA_OUTAGE = 4  # the run saved a checkpoint and stopped: resume once the data source is back
 
 
 def default_ds_config() -> str:
@@ -107,19 +108,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:  # key=value overrides placed after options
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    from livt_ds.checkpoint import CheckpointError
-    from livt_ds.config import ConfigError
+    from livt_ds.data.remote import DataSourceOutage
     from livt_ds.engine import NonFiniteLossError
-    from livt_ds.provenance import RunLockedError
 
     try:
         return _dispatch(args)
-    except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError, ValueError) as exc:
-        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except NonFiniteLossError as exc:
         print(f"livt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except DataSourceOutage as exc:
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_DATA_OUTAGE
+    except Exception as exc:
+        if not is_expected_error(exc):
+            raise  # a bug: its traceback is what helps
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def is_expected_error(exc: BaseException) -> bool:
+    """Errors of the user's input or setting, reported in one line (exit 2) rather than with a traceback: a bad
+    recipe or checkpoint, a locked run folder, a missing file, a shard set that is wrong or cannot be read, missing
+    storage credentials."""
+    from livt_ds.checkpoint import CheckpointError
+    from livt_ds.config import ConfigError
+    from livt_ds.data.remote import ShardUnavailable, is_credentials_error
+    from livt_ds.data.shards import ShardSetError
+    from livt_ds.provenance import RunLockedError
+
+    expected = (ConfigError, CheckpointError, RunLockedError, ShardSetError, ShardUnavailable, FileNotFoundError,
+                ValueError)
+    return isinstance(exc, expected) or is_credentials_error(exc)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -369,12 +369,43 @@ class BatchPlan:
         return self.micro * self.accumulation * self.world
 
 
+def largest_micro(batch: int, world: int, ceiling: int) -> int | None:
+    """The largest micro-batch m <= ``ceiling`` with m x accumulation x ``world`` == ``batch`` for a whole
+    accumulation; None when ``batch`` is not a multiple of ``world``."""
+    if batch % world:
+        return None
+    per_rank = batch // world
+    return next((m for m in range(min(ceiling, per_rank), 0, -1) if per_rank % m == 0), None)
+
+
+def nearest_batches(batch: int, world: int, unit: int = 1) -> list[int]:
+    """The batch sizes closest to ``batch`` (one below, one above) that split over ``world`` ranks in whole
+    micro-batches: the multiples of ``world * unit``."""
+    step = world * unit
+    below, above = batch // step * step, -(-batch // step) * step
+    return sorted({b for b in (below, above) if b > 0})
+
+
+def _no_layout(batch: int, world: int, step_unit: int, train: TrainConfig, why: str) -> ConfigError:
+    options = " or ".join(f"train.batch_size={b} (lr {base_lr(train, b):.3g})"
+                          for b in nearest_batches(batch, world, step_unit))
+    return ConfigError(f"train.batch_size={batch} cannot be split over {world} ranks: {why}. Nearest batch sizes "
+                       f"that work: {options} (lr = train.blr {train.blr:g} x batch / 256"
+                       + (f"; train.lr={train.lr:g} is fixed" if train.lr is not None else "") + ")")
+
+
 def plan_batch(ds: dict[str, Any], train: TrainConfig, world: int) -> BatchPlan:
-    """Fill the batch triple from the recipe and the JSON, refusing contradictions."""
+    """Fill the batch triple from the recipe and the JSON, refusing contradictions.
+
+    ``train.micro_batch`` is a per-rank ceiling (what fits in one GPU's memory): with a fixed ``train.batch_size``
+    the largest micro-batch at or under it that makes micro x accumulation x world == batch is chosen, so a recipe
+    starts unchanged on any world size that divides its batch. A micro-batch written in the JSON is taken as is.
+    """
     micro = ds.get("train_micro_batch_size_per_gpu", AUTO)
     accum = ds.get("gradient_accumulation_steps", AUTO)
     total = ds.get("train_batch_size", AUTO)
-    if not _explicit(micro):
+    fixed_micro = _explicit(micro)
+    if not fixed_micro:
         micro = train.micro_batch
         if micro is None:
             raise ConfigError("train_micro_batch_size_per_gpu is 'auto' in the DeepSpeed config: set train.micro_batch "
@@ -387,14 +418,27 @@ def plan_batch(ds: dict[str, Any], train: TrainConfig, world: int) -> BatchPlan:
         batch = int(total)
     if _explicit(total) and batch != total:
         raise ConfigError(f"train.batch_size={batch} contradicts train_batch_size={total} in the DeepSpeed config")
-    if not _explicit(accum):
-        if batch is None:
-            accum = 1
-        else:
+    if batch is not None and not _explicit(accum):
+        if fixed_micro:
             if batch % (micro * world):
-                raise ConfigError(f"train.batch_size={batch} is not divisible by micro batch {micro} x world size "
-                                  f"{world}; choose a batch size that is, or another micro batch")
-            accum = batch // (micro * world)
+                raise _no_layout(batch, world, int(micro), train, f"it is not a multiple of the DeepSpeed config's "
+                                 f"train_micro_batch_size_per_gpu {micro} x {world} ranks")
+        else:
+            chosen = largest_micro(batch, world, int(micro))
+            if chosen is None:
+                why = "it is smaller than the world size" if batch < world else "it is not a multiple of the world size"
+                raise _no_layout(batch, world, 1, train, why)
+            micro = chosen
+        accum = batch // (micro * world)
+    elif batch is not None and not fixed_micro:  # accumulation fixed in the JSON: the micro-batch follows
+        per_micro = batch / (int(accum) * world)
+        if per_micro != int(per_micro) or not 1 <= per_micro <= micro:
+            raise _no_layout(batch, world, int(accum), train, f"the DeepSpeed config fixes gradient_accumulation_steps"
+                             f" {accum}, which needs a micro-batch of {per_micro:g} (train.micro_batch allows at most "
+                             f"{micro})")
+        micro = int(per_micro)
+    elif not _explicit(accum):
+        accum = 1
     plan = BatchPlan(int(micro), int(accum), world)
     if batch is not None and plan.global_batch != batch:
         raise ConfigError(f"train_batch_size {batch} != micro {micro} x gradient_accumulation_steps {accum} x world "

@@ -21,13 +21,15 @@ import yaml
 from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import CheckpointManager, ResumePlan
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
+from livt_ds.cuda_arch import set_plain_cuda_arch_list
 from livt_ds.data.pipeline import skipped_samples, skipped_shards, train_loader
-from livt_ds.data.remote import RemoteOptions
-from livt_ds.data.shards import load_meta
+from livt_ds.data.remote import DataSourceOutage, RemoteOptions
+from livt_ds.data.shards import load_meta, meta_digest
 from livt_ds.evaluate import evaluate, save_evaluation
 from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.run_log import Logger
 from livt_ds.seeding import seed_everything
+from livt_ds.step_feed import step_batches
 from livt_ds.tasks import Task, build_task
 from livt_ds.test_split import evaluate_test_once
 from livt_ds.train_state import Best, Schedule, TrainState, write_status
@@ -46,6 +48,7 @@ def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     model = task.build_model()
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     groups = param_groups(model, weight_decay, recipe.train.layer_decay)
+    set_plain_cuda_arch_list()  # before DeepSpeed builds an op: it cannot parse torch's "9.0a"
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
     return engine, optimizer, dtype
@@ -106,6 +109,7 @@ class Trainer:
         self.world = dist.world_size()
         self.remote = RemoteOptions.from_config(recipe.data)
         self.meta = load_meta(recipe.data.path, self.remote)
+        self.data_sha256 = meta_digest(self.meta)  # a resume may read another copy of the same set
         self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), recipe, self.world)
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.task = build_task(stage, recipe, self.meta)
@@ -134,7 +138,7 @@ class Trainer:
         """Train to the end (or a stop); returns the best evaluation ({} when none)."""
         try:
             self._claim_run_folder()
-            self.plan = checkpoint.plan_resume(self.output, self.resume, self.world)
+            self.plan = checkpoint.agree_on_resume(self.output, self.resume, self.world)
             if self.plan is not None:
                 self._check_recipe_change()
             self._write_run_files()
@@ -172,6 +176,8 @@ class Trainer:
             self._status("finished" if reason == "finished" else "stopped")
         except BaseException as exc:
             reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            if isinstance(exc, DataSourceOutage):  # every rank is here, at the same step boundary (step_batches)
+                raise self._save_for_outage(exc) from None
             self._status("failed")
             raise
         finally:
@@ -207,7 +213,7 @@ class Trainer:
                               split=recipe.data.train_split, transform=self.task.train_transform(),
                               batch_size=self.micro_batch, pin_memory=torch.cuda.is_available(), remote=self.remote)
         self.engine.train()
-        for micro, (images, labels) in enumerate(loader, start=1):
+        for micro, (images, labels) in enumerate(step_batches(loader, s.accumulation), start=1):
             if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
                 apply_lr(self.optimizer, s.lr(state.step))
                 self.task.set_epoch(s.epoch_of(state.step))
@@ -240,7 +246,9 @@ class Trainer:
                 try:
                     diff = provenance.check_resume_recipe(saved, recipe_to_dict(self.recipe),
                                                           allow=self.allow_recipe_change,
-                                                          checkpoint=str(self.plan.tag_dir), output=str(self.output))
+                                                          checkpoint=str(self.plan.tag_dir), output=str(self.output),
+                                                          data_sha256=(checkpoint.saved_data_sha256(self.plan.tag_dir),
+                                                                       self.data_sha256))
                 except ConfigError as exc:
                     error = str(exc)
         error, diff, saved = dist.broadcast_object((error, diff, saved))
@@ -310,7 +318,7 @@ class Trainer:
         return provenance.History(self.output).start(
             stage=self.stage, recipe=recipe_to_dict(self.recipe), start_step=self.start_step, world_size=self.world,
             hosts=hosts, resumed_from=str(self.plan.tag_dir) if self.plan else None, diff=self.recipe_change,
-            schedule={**self.schedule.as_dict(), "change": self.schedule_change})
+            schedule={**self.schedule.as_dict(), "change": self.schedule_change}, data_sha256=self.data_sha256)
 
     # ----------------------------------------------------------------------------------------- step parts
     def _position(self, step: int):
@@ -380,10 +388,21 @@ class Trainer:
         self._status("train")
         return True
 
+    def _save_for_outage(self, exc: DataSourceOutage) -> DataSourceOutage:
+        """Save the last completed step (unless saved already) before the run stops; the error says how to go on."""
+        step = self.state.step
+        if step > 0 and self.state.last_saved != step:
+            self._save()
+        self._status("stopped")
+        saved = f"saved a checkpoint at step {step}" if step > 0 else "no step was completed"
+        return DataSourceOutage(f"{exc}. The run stopped: {saved} in {self.output}; when the source is back, continue "
+                                "with --resume auto (data.retries and data.timeout_s may be raised on resume)")
+
     def _save(self) -> None:
         self._check_finite()  # never a checkpoint of non-finite weights
         self._status("save")
         self.state.stream = self._position(self.state.step).without_rank()
         self.state.skipped = self._skipped()
+        self.state.data_sha256 = self.data_sha256
         self.checkpoints.save(self.engine, self.state, recipe_to_dict(self.recipe))
         self._status("train")

@@ -9,6 +9,7 @@ config enables bf16.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,12 +22,14 @@ from livt_ds.checkpoint import CheckpointError
 from livt_ds.config import ConfigError, Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
-from livt_ds.data.shards import load_meta
+from livt_ds.data.shards import ShardSetError, load_meta
 from livt_ds.report import save_images
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task
 from livt_ds.train_state import write_json_atomic
 from livt_ds.weights import weights_provenance
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
@@ -34,7 +37,36 @@ def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Reci
     """``task.evaluate`` over ``split`` (default ``recipe.data.eval_split``), sharded over the ranks (a collective)."""
     loader = _kept_loader(task, recipe, remote, split or recipe.data.eval_split)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        return task.evaluate(forward, model, loader, cast)
+        result = task.evaluate(forward, model, loader, cast)
+    shortfall = check_complete(loader.dataset, result.metrics.get("num_samples"), split or recipe.data.eval_split)
+    if shortfall:  # recorded with the metrics (metrics.json; eval/missing_samples in the log), and warned about
+        result.metrics["incomplete"] = shortfall
+        result.metrics["missing_samples"] = shortfall["expected"] - shortfall["scored"]
+        if dist.is_main():
+            logger.warning("partial evaluation: %s", shortfall["message"])
+    return result
+
+
+class IncompleteEvaluationError(ShardSetError):
+    """An evaluation scored fewer samples than its split holds (a shard cut short, damaged or unreadable)."""
+
+
+def check_complete(stream: Any, scored: int | None, split: str) -> dict[str, Any] | None:
+    """None when every sample of the split was scored, else what is missing: the shards read short (summed over
+    the ranks, a collective) with their counts, and a message naming them."""
+    read = [sum(c) for c in zip(*dist.gather_objects(stream.tally.values()))]
+    expected = sum(stream.shard_sizes)
+    short = {url.rsplit("/", 1)[-1]: [got, want] for url, got, want in zip(stream.urls, read, stream.shard_sizes)
+             if got < want}
+    scored = sum(read) if scored is None else int(scored)
+    if scored >= expected and not short:
+        return None
+    causes = [f"{name} gave {got} of its {want} samples" for name, (got, want) in short.items()]
+    if sum(read) > scored:
+        causes.append(f"{sum(read) - scored} corrupt samples skipped")
+    message = (f"{split}: scored {scored} of its {expected} samples ({'; '.join(causes)}): the shards are "
+               "truncated, damaged or unreadable; check the set with scripts/make_shards.py --verify DATA_PATH")
+    return {"scored": scored, "expected": expected, "short_shards": short, "message": message}
 
 
 _kept: tuple | None = None  # (key, task, loader) of the last evaluation: its workers wait for the next one
@@ -100,6 +132,8 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str
             return model(images)
 
     result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+    if "incomplete" in result.metrics:  # a score over part of the split is no score of the split
+        raise IncompleteEvaluationError(f"livt eval on {recipe.data.path}: {result.metrics['incomplete']['message']}")
     result.metrics["split"] = split
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
     if dist.is_main():

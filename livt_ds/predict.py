@@ -13,6 +13,7 @@ logits, after the test-prior adjustment when ``--test-prior`` is given (livt_ds/
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from livt_ds.checkpoint import CheckpointError, latest_tag
 from livt_ds.data.pipeline import worker_context
+from livt_ds.data.remote import is_url, local_path, open_url
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
 from livt_ds.hub import CONFIG_NAME, WEIGHTS_NAME, build_timm_model, hub_config, model_weights
@@ -34,6 +36,10 @@ from livt_ds.weights import load_weights, run_export_config
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
+
+
+class NothingPredictedError(ValueError):
+    """Every input was unreadable: the output holds error lines only."""
 
 
 @dataclass
@@ -113,12 +119,24 @@ def predictor_transform(config: dict[str, Any]) -> Callable:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def collect_inputs(inputs: Sequence[str], split: str = "val") -> tuple[list[str], list[str]]:
-    """(image paths, .tar shard paths) from files, folders, text lists and shard sets; unknown paths stay in the
-    image list, so that they get an error line."""
+    """(image paths, .tar shard paths) from files, folders, text lists and shard sets, local or URLs (as
+    ``data.path`` takes them: a shard set, a ``.tar`` or an image); FileNotFoundError for a local input that does
+    not exist (an entry of a text list that does not exist gets an error line instead)."""
     files: list[str] = []
     tars: list[str] = []
     for item in inputs:
-        path = Path(item)
+        if is_url(item):
+            suffix = Path(item.rstrip("/")).suffix.lower()
+            if suffix == ".tar":
+                tars.append(item)
+            elif suffix in IMAGE_SUFFIXES:
+                files.append(item)
+            else:
+                tars += shard_paths(item, split)
+            continue
+        path = local_path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"--input {item}: no such file or folder")
         if path.is_dir() and (path / "meta.json").is_file():
             tars += shard_paths(path, split)
         elif path.is_dir():
@@ -156,6 +174,12 @@ def _prepare(name: str, load: Callable[[], Image.Image], transform: Callable) ->
 
 
 def _open_file(path: str) -> Image.Image:
+    if is_url(path):
+        with open_url(path) as f:
+            data = io.BytesIO(f.read())
+        with Image.open(data) as img:
+            img.load()
+            return img.convert("RGB")
     with Image.open(path) as img:
         img.load()
         return img.convert("RGB")
@@ -255,10 +279,10 @@ def run_predict(
     if top_k < 1 or batch_size < 1 or num_workers < 0:
         raise ValueError(f"--top-k {top_k}, --batch-size {batch_size}, --workers {num_workers}: need k >= 1, "
                          "batch >= 1, workers >= 0")
-    predictor = load_predictor(model, test_prior)
-    files, tars = collect_inputs(inputs, split)
+    files, tars = collect_inputs(inputs, split)  # before the model: a wrong input fails fast
     if not files and not tars:
         raise ValueError(f"--input {' '.join(inputs)}: no images found")
+    predictor = load_predictor(model, test_prior)
     transform = predictor_transform(predictor.config)
     datasets = [d for d in (ImageFiles(files, transform) if files else None,
                             ShardImages(tars, transform) if tars else None) if d is not None]
@@ -283,13 +307,16 @@ def run_predict(
     finally:
         bar.close()
         writer.close()
+    if not counts["images"]:
+        raise NothingPredictedError(f"--input {' '.join(inputs)}: no image could be read ({counts['errors']} "
+                                    f"unreadable; each has its error in {output})")
     return {**counts, "output": str(output)}
 
 
 def _shard_size_hint(url: str) -> int:
     """Samples in a shard from its shard set's meta.json (0 when unknown: the bar then counts without a total)."""
     meta_path = Path(url).parent / "meta.json"
-    if not meta_path.is_file():
+    if is_url(url) or not meta_path.is_file():
         return 0
     meta = json.loads(meta_path.read_text())
     for info in meta.get("splits", {}).values():
@@ -304,5 +331,6 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-__all__ = ["Predictor", "load_predictor", "load_config_and_weights", "collect_inputs", "predict_batch", "run_predict",
+__all__ = ["NothingPredictedError",
+           "Predictor", "load_predictor", "load_config_and_weights", "collect_inputs", "predict_batch", "run_predict",
            "predictor_transform", "default_workers"]

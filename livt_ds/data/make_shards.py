@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from livt_ds.data.longtail import imbalance_ratio, longtail_subsample
-from livt_ds.data.remote import is_url
+from livt_ds.data.remote import is_credentials_error, is_url
 from livt_ds.data.shards import (
     FORMAT_VERSION,
     ShardSetError,
@@ -183,6 +183,7 @@ def write_shards(
         meta = _build_meta(source, output, writer.stats, tally)
         meta.update(seed=seed, imbalance=imbalance, max_side=max_side, shard_size=str(shard_size))
         meta["command"] = command or ""
+        writer.record_files(meta)
         writer.commit(meta)
     return meta
 
@@ -417,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             meta = write_and_upload(source, args.output, **options)
         else:
             meta = write_shards(source, args.output, **options)
-    except (SourceError, ValueError, RuntimeError, OSError) as exn:
+    except Exception as exn:
+        if not isinstance(exn, (SourceError, ValueError, RuntimeError, OSError)) and not is_credentials_error(exn):
+            raise
         print(f"make_shards: error: {exn}", file=sys.stderr)
         return 2
     print(format_summary(meta, args.output, time.time() - start))

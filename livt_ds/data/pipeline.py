@@ -71,12 +71,21 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions, ShardUnavailable
-from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta, read_tar_samples, shard_paths
+from livt_ds.data.remote import DEFAULT_OPTIONS, DataSourceOutage, ReadGaveUp, RemoteOptions, ShardUnavailable
+from livt_ds.data.shards import (
+    decode_image,
+    decode_label,
+    image_key,
+    load_meta,
+    read_tar_samples,
+    shard_files,
+    shard_paths,
+)
 
 logger = logging.getLogger(__name__)
 
 _TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
+OUTAGE_SHARDS = 3  # training: reads of this many different shards in a row given up after their retries = an outage
 SHUFFLE_BUFFER = 1000  # raw (undecoded) training samples held per loader worker for shuffling
 PREFETCH_BATCHES = 2  # batches each loader worker keeps ready ahead of the trainer
 WORKER_PRELOAD = ("livt_ds.data.pipeline", "livt_ds.data.transforms", "torchvision", "timm")  # imported once, by the
@@ -189,10 +198,12 @@ class _ShardRead:
 
     def __init__(self, handler: Callable):
         self.handler, self.errors, self.gave_up = handler, [], False
+        self.retried_out: ReadGaveUp | None = None  # the read failed after all its retries (an outage, if repeated)
 
     def __call__(self, exn: BaseException) -> bool:
         if isinstance(exn, ShardUnavailable):
             self.gave_up = True
+            self.retried_out = exn if isinstance(exn, ReadGaveUp) else None
             return self.handler(exn)
         self.errors.append(exn)
         return True
@@ -211,9 +222,25 @@ class _ShardRead:
             self.handler(exn)
 
 
+class ShardTally:
+    """Samples read per shard by the loaders of one stream, its DataLoader workers included (shared memory, like
+    the skip counters): how an evaluation tells which shard came up short."""
+
+    def __init__(self, urls: list[str]):
+        self.index = {url: i for i, url in enumerate(urls)}
+        self.counts = multiprocessing.Array("q", max(1, len(urls)))
+
+    def add(self, url: str, n: int) -> None:
+        with self.counts.get_lock():
+            self.counts[self.index[url]] += n
+
+    def values(self) -> list[int]:
+        return list(self.counts[: len(self.index)])
+
+
 def _read_units(
     src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS,
-    sizes: dict[str, int] | None = None,
+    sizes: dict[str, int] | None = None, tally: ShardTally | None = None, outage_after: int | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
 
@@ -221,8 +248,11 @@ def _read_units(
     ``handler`` once, as a :class:`ShardCutShort` (a skipped shard), whatever broke it.
     ``max_empty``: raise after that many units in a row gave no sample (an endless tape of broken shards
     would otherwise spin forever).
+    ``outage_after``: raise :class:`DataSourceOutage` once reads of that many different shards in a row gave up
+    after their retries (one broken file is skipped; the source failing for every file is an outage).
     """
     empty = 0
+    retried_out: dict[str, ReadGaveUp] = {}  # shards whose reads gave up since the last good read
     for unit in src:
         url, part, parts = (unit, 0, 1) if isinstance(unit, str) else (unit["url"], unit["part"], unit["parts"])
         n = read = 0
@@ -233,6 +263,15 @@ def _read_units(
                 n += 1
                 yield sample
         report.close(url, read, (sizes or {}).get(url))
+        if tally is not None:
+            tally.add(url, n)
+        if report.retried_out is not None:
+            retried_out[url] = report.retried_out
+            if outage_after and len(retried_out) >= outage_after:
+                raise DataSourceOutage(f"the data source is unavailable: reads of {len(retried_out)} shards in a row "
+                                       f"failed after their retries; the last: {report.retried_out}")
+        elif read:
+            retried_out.clear()
         empty = 0 if n else empty + 1
         if max_empty is not None and empty >= max_empty:
             raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}); check the set with --verify")
@@ -433,7 +472,8 @@ class TrainStream(IterableDataset):
             functools.partial(shard_tape, self.urls, self.seed, epoch),
             take_every(self.rank, self.world_size),
             take_every(worker, num_workers),
-            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, sizes=self.sizes),
+            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, sizes=self.sizes,
+                       outage_after=min(OUTAGE_SHARDS, len(self.urls))),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
             number(),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
@@ -476,6 +516,7 @@ class EvalStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.return_keys = max(1, num_workers), return_keys
         self.counter = counter if counter is not None else _skip_counter()
+        self.tally = ShardTally(self.urls)  # samples read per shard, across this rank's workers
 
     def _worker_units(self, worker: int, num_workers: int) -> list[dict]:
         units = eval_units(self.urls, self.world_size * num_workers)
@@ -498,7 +539,8 @@ class EvalStream(IterableDataset):
         handler = CountedSkip(self.counter, f"eval rank {self.rank} worker {worker}", self.shard_counter)
         pipeline = wds.DataPipeline(
             functools.partial(iter, self._worker_units(worker, num_workers)),
-            read_units(handler=handler, remote=self.remote, sizes=dict(zip(self.urls, self.shard_sizes))),
+            read_units(handler=handler, remote=self.remote, sizes=dict(zip(self.urls, self.shard_sizes)),
+                       tally=self.tally),
             wds.map(functools.partial(_decode_eval, num_classes=self.num_classes), handler=handler),
             wds.map(_EvalTransform(self.transform)),  # transform errors are bugs: they propagate
             wds.batched(self.batch_size, collation_fn=_collate_eval, partial=True),
@@ -608,6 +650,7 @@ def train_loader(
     if end <= p.epoch:
         raise ValueError(f"epochs {epochs}: the stream position is already in epoch {p.epoch}; nothing is left")
     meta = load_meta(shard_dir, remote)
+    remote = remote.expecting(shard_files(shard_dir, meta))  # the cache checks its copies against meta.json
     stream = TrainStream(
         shard_paths(shard_dir, split, remote), num_classes=meta["num_classes"], transform=transform,
         batch_size=batch_size, seed=p.seed, shard_sizes=meta["splits"][split].get("shard_sizes"), epoch=p.epoch,
@@ -639,6 +682,7 @@ def eval_loader(
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     meta = load_meta(shard_dir, remote)
+    remote = remote.expecting(shard_files(shard_dir, meta))
     stream = EvalStream(
         shard_paths(shard_dir, split, remote), meta["splits"][split]["shard_sizes"], num_classes=meta["num_classes"],
         transform=transform, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,

@@ -228,7 +228,7 @@ class ShardTally:
 
     def __init__(self, urls: list[str]):
         self.index = {url: i for i, url in enumerate(urls)}
-        self.counts = multiprocessing.Array("q", max(1, len(urls)))
+        self.counts = worker_context().Array("q", max(1, len(urls)))  # the context the loader workers start in
 
     def add(self, url: str, n: int) -> None:
         with self.counts.get_lock():
@@ -236,6 +236,11 @@ class ShardTally:
 
     def values(self) -> list[int]:
         return list(self.counts[: len(self.index)])
+
+    def reset(self) -> None:
+        """Back to 0: before another pass of a loader whose workers stay (``eval_loader(persistent=True)``)."""
+        with self.counts.get_lock():
+            self.counts[:] = [0] * len(self.counts)
 
 
 def _read_units(

@@ -22,7 +22,7 @@ from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import CheckpointManager, ResumePlan
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
 from livt_ds.cuda_arch import set_plain_cuda_arch_list
-from livt_ds.data.pipeline import settle_feeder_threads, skipped_samples, skipped_shards, train_loader
+from livt_ds.data.pipeline import skipped_samples, skipped_shards, train_loader
 from livt_ds.data.remote import DataSourceOutage, RemoteOptions
 from livt_ds.data.shards import load_meta, meta_digest
 from livt_ds.evaluate import evaluate, save_evaluation
@@ -206,28 +206,25 @@ class Trainer:
                 return
 
     def _optimizer_steps(self) -> Iterator[None]:
-        """Train micro-batch by micro-batch, epoch by epoch from the state's position; yield after each optimizer
-        step (``state.step`` advanced). Ends at ``self.end``."""
+        """Train micro-batch by micro-batch from the state's position through one loader that runs every remaining
+        epoch; yield after each optimizer step (``state.step`` advanced). The caller stops at ``self.end``."""
         s, state, recipe = self.schedule, self.state, self.recipe
-        transform = self.task.train_transform()
-        while state.step < self.end:
-            position = s.stream_position(state.step, seed=recipe.train.seed, rank=dist.rank(), world=self.world,
-                                         workers=recipe.data.num_workers)
-            loader = train_loader(recipe.data.path, position, split=recipe.data.train_split, transform=transform,
-                                  batch_size=self.micro_batch, pin_memory=torch.cuda.is_available(),
-                                  remote=self.remote)
-            self.engine.train()
-            settle_feeder_threads()
-            for micro, (images, labels) in enumerate(step_batches(loader, s.accumulation), start=1):
-                if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
-                    apply_lr(self.optimizer, s.lr(state.step))
-                    self.task.set_epoch(s.epoch_of(state.step))
-                self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
-                if micro % s.accumulation == 0:
-                    state.step += 1
-                    self.window.steps += 1
-                    self.log.advance()
-                    yield
+        if state.step >= self.end:
+            return
+        loader = train_loader(recipe.data.path, self._position(state.step), epochs=recipe.train.epochs,
+                              split=recipe.data.train_split, transform=self.task.train_transform(),
+                              batch_size=self.micro_batch, pin_memory=torch.cuda.is_available(), remote=self.remote)
+        self.engine.train()
+        for micro, (images, labels) in enumerate(step_batches(loader, s.accumulation), start=1):
+            if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
+                apply_lr(self.optimizer, s.lr(state.step))
+                self.task.set_epoch(s.epoch_of(state.step))
+            self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
+            if micro % s.accumulation == 0:
+                state.step += 1
+                self.window.steps += 1
+                self.log.advance()
+                yield
 
     # ----------------------------------------------------------------------------------------- set-up
     def _claim_run_folder(self) -> None:

@@ -37,9 +37,7 @@ logger = logging.getLogger(__name__)
 def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
              cast: Callable[[torch.Tensor], torch.Tensor], split: str | None = None) -> EvalResult:
     """``task.evaluate`` over ``split`` (default ``recipe.data.eval_split``), sharded over the ranks (a collective)."""
-    loader = eval_loader(recipe.data.path, split=split or recipe.data.eval_split, transform=task.eval_transform(),
-                         batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
-                         rank=dist.rank(), world_size=dist.world_size(), remote=remote)
+    loader = _kept_loader(task, recipe, remote, split or recipe.data.eval_split)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         result = task.evaluate(forward, model, loader, cast)
     shortfall = check_complete(loader.dataset, result.metrics.get("num_samples"), split or recipe.data.eval_split)
@@ -71,6 +69,24 @@ def check_complete(stream: Any, scored: int | None, split: str) -> dict[str, Any
     message = (f"{split}: scored {scored} of its {expected} samples ({'; '.join(causes)}): the shards are "
                "truncated, damaged or unreadable; check the set with scripts/make_shards.py --verify DATA_PATH")
     return {"scored": scored, "expected": expected, "short_shards": short, "message": message}
+
+
+_kept: tuple | None = None  # (key, task, loader) of the last evaluation: its workers wait for the next one
+
+
+def _kept_loader(task: Task, recipe: Recipe, remote: RemoteOptions, split: str):
+    """The eval loader of ``task`` on ``split``, the same one as last time when nothing changed (its workers stay)."""
+    global _kept
+    key = (recipe.data.path, split, recipe.eval.batch_size, recipe.data.num_workers, dist.rank(), dist.world_size(),
+           remote)
+    if _kept is None or _kept[0] != key or _kept[1] is not task:
+        _kept = None  # the previous loader's workers end before new ones start
+        loader = eval_loader(recipe.data.path, split=split, transform=task.eval_transform(),
+                             batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
+                             rank=dist.rank(), world_size=dist.world_size(), remote=remote, persistent=True)
+        _kept = (key, task, loader)
+    _kept[2].dataset.tally.reset()  # samples read per shard count from this pass on
+    return _kept[2]
 
 
 def save_evaluation(output: Path, step: int, record: dict[str, Any], result: EvalResult, log: Logger, *,

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from livt_ds.checkpoint import CheckpointError
+from livt_ds.data.pipeline import worker_context
 from livt_ds.data.remote import is_url, local_path, open_url
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
@@ -295,7 +296,8 @@ def run_predict(
         for dataset in datasets:
             workers = min(num_workers, len(tars)) if isinstance(dataset, ShardImages) else num_workers
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                pin_memory=torch.cuda.is_available())
+                                pin_memory=torch.cuda.is_available(),
+                                multiprocessing_context=worker_context() if workers > 0 else None)
             for names, images, errors in loader:
                 tops = iter(predict_batch(predictor, images, top_k)) if images is not None else iter(())
                 for name, error in zip(names, errors, strict=True):

@@ -17,9 +17,8 @@ from livt_ds.checkpoint import CheckpointError
 from livt_ds.config import Recipe, check_loss_targets, recipe_to_dict
 from livt_ds.console import held_output
 from livt_ds.data import transforms
-from livt_ds.data.pipeline import settle_feeder_threads
 from livt_ds.data.shards import train_class_counts
-from livt_ds.data.transforms import normalisation
+from livt_ds.data.transforms import normalisation, to_model_input
 from livt_ds.losses import build_loss, default_drw_epoch
 from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
 from livt_ds.models.registry import build_classifier, build_mae
@@ -47,12 +46,12 @@ class Task(Protocol):
 
     def build_model(self) -> nn.Module: ...
 
-    def train_transform(self) -> Callable: ...  # PIL image -> [3, H, W] float tensor, augmented
+    def train_transform(self) -> Callable: ...  # PIL image (or ``.decode``'s output) -> [3, H, W] tensor, augmented
 
     def eval_transform(self) -> Callable: ...
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """On the device, before the forward: (images, targets), e.g. mixup's soft targets."""
+        """On the device, before the forward: (normalised float images, targets), e.g. mixup's soft targets."""
         ...
 
     def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
@@ -69,7 +68,6 @@ class Task(Protocol):
 def padded_eval_batches(loader: Iterable, img_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
     """Yield (images, labels, real) until every rank has run out; a rank that has run out gets a dummy batch
     (``real`` False) so that all ranks make the same number of forward calls (ZeRO-3 gathers weights in forward)."""
-    settle_feeder_threads()
     iterator = iter(loader)
     dummy = (torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long))
     while True:
@@ -98,13 +96,14 @@ class PretrainTask:
         return model
 
     def train_transform(self):
-        return transforms.mgp_transform(self.recipe.model.img_size, self.mean, self.std)
+        """uint8 crops (decoded at reduced size where the crop allows); `prepare_batch` normalises on the device."""
+        return transforms.MgpCrop(self.recipe.model.img_size)
 
     def eval_transform(self):
         return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return images, labels
+        return to_model_input(images, self.mean, self.std), labels
 
     def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss, _, _ = forward(images)
@@ -203,6 +202,7 @@ class FinetuneTask:
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup / cutmix / label smoothing into soft targets [B, C] (int labels [B] when all are off)."""
+        images = to_model_input(images, self.mean, self.std)
         if self.mixup is None:
             return images, labels
         return self.mixup(images, labels)

@@ -43,6 +43,7 @@ from livt_ds.data.remote import (
     remove_remote,
     upload_file,
 )
+from livt_ds.data.tarstream import tar_file_samples
 from livt_ds.provenance import pid_alive
 
 FORMAT_VERSION = 1
@@ -177,7 +178,7 @@ def read_tar_samples(
         return handler(exn)
 
     with stream:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=members_handler)
+        files = tar_file_samples(stream, url, members_handler)  # webdataset's tar_file_expander, faster
         try:
             yield from wds.tariterators.group_by_keys(files, handler=handler)
         except ShardUnavailable as exn:

@@ -100,6 +100,7 @@ def _kept_loader(task: Task, recipe: Recipe, remote: RemoteOptions, split: str):
                              batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
                              rank=dist.rank(), world_size=dist.world_size(), remote=remote, persistent=True)
         _kept = (key, task, loader)
+    _kept[2].dataset.tally.reset()  # samples read per shard count from this pass on
     return _kept[2]
 
 

@@ -194,13 +194,13 @@ def test_the_training_stream_reads_through_the_checked_cache(sets, tmp_path):
 
     from livt_ds.data.pipeline import skipped_shards, train_loader
     from livt_ds.data.remote import RemoteOptions
-    from livt_ds.data.transforms import mgp_transform
+    from livt_ds.data.transforms import pretrain_transform
 
     served = tmp_path / "served"
     shutil.copytree(sets / "s", served / "s")
     other = (served / "s" / "train-000002.tar").read_bytes()
     (served / "s" / "train-000000.tar").write_bytes(other)  # a valid tar, but not the file meta.json lists
-    args = dict(transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4, num_workers=0, seed=0, epoch=0,
+    args = dict(transform=pretrain_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4, num_workers=0, seed=0, epoch=0,
                 rank=0, world_size=1, num_batches=3, shuffle_buffer=4,
                 remote=RemoteOptions(retries=0, backoff_s=0.01, cache_dir=str(tmp_path / "c")))
     before = skipped_shards()
@@ -275,10 +275,10 @@ def test_a_source_down_for_every_shard_is_an_outage_naming_the_url_not_a_damaged
 
     from livt_ds.data.pipeline import train_loader
     from livt_ds.data.remote import RemoteOptions
-    from livt_ds.data.transforms import mgp_transform
+    from livt_ds.data.transforms import pretrain_transform
     from livt_ds.errors import DataSourceOutage
 
-    args = dict(transform=mgp_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4, num_workers=1, seed=0, epoch=0,
+    args = dict(transform=pretrain_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4, num_workers=1, seed=0, epoch=0,
                 rank=0, world_size=1, num_batches=3, shuffle_buffer=4,
                 remote=RemoteOptions(retries=1, backoff_s=0.01))
     with serve(sets, down_after=0) as srv, pytest.raises(DataSourceOutage) as err:

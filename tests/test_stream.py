@@ -80,7 +80,11 @@ def test_workers_start_once_from_the_fork_server(shards):
 def test_a_persistent_eval_loader_keeps_its_workers_and_repeats_every_sample(shards):
     loader = eval_loader(shards, split="train", transform=pids, batch_size=2, num_workers=2, rank=0, world_size=1,
                          return_keys=True, persistent=True)
-    passes = [list(loader) for _ in range(2)]
+    passes = []
+    for _ in range(2):
+        loader.dataset.tally.reset()
+        passes.append(list(loader))
+        assert sum(loader.dataset.tally.values()) == 13  # the per-shard tally of this pass alone
     keys = [sorted(k for *_, ks in batches for k in ks) for batches in passes]
     assert keys[0] == keys[1] and len(keys[0]) == 13  # every sample once, at each pass
     workers = [{int(x[0, 0]) for x, *_ in batches} for batches in passes]

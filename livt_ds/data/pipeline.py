@@ -22,6 +22,10 @@ Training (:func:`train_loader`), per rank ``r`` of ``R`` and DataLoader worker `
    samples. An exception raised by the transform is a bug, not bad data: it propagates.
 6. Each worker yields its share of ``num_batches`` (``with_epoch``), the loader exactly
    ``num_batches - skip_batches`` batches. The stream depends on ``num_workers``: resume with the same value.
+7. One loader runs every remaining epoch (``end_epoch``): each worker chains its share of one epoch after the
+   other (:meth:`TrainStream.loader_worker_batches`), so the workers start once per launch and begin the next
+   epoch while the trainer drains the batches already prepared. Each epoch is the stream of steps 1-6 for that
+   epoch (its own tape and a fresh shuffle buffer), so where a launch starts changes nothing.
 
 Evaluation (:func:`eval_loader`): the shards are cut into units (shard, part ``p`` of ``P``: the samples
 ``i`` of that shard with ``i % P == p``), ``P = ceil(R*W / shards)`` so there are at least as many units as
@@ -222,7 +226,7 @@ class ShardTally:
 
     def __init__(self, urls: list[str]):
         self.index = {url: i for i, url in enumerate(urls)}
-        self.counts = worker_context().Array("q", max(1, len(urls)))
+        self.counts = worker_context().Array("q", max(1, len(urls)))  # the context the loader workers start in
 
     def add(self, url: str, n: int) -> None:
         with self.counts.get_lock():
@@ -230,6 +234,11 @@ class ShardTally:
 
     def values(self) -> list[int]:
         return list(self.counts[: len(self.index)])
+
+    def reset(self) -> None:
+        """Back to 0: before another pass of a loader whose workers stay (``eval_loader(persistent=True)``)."""
+        with self.counts.get_lock():
+            self.counts[:] = [0] * len(self.counts)
 
 
 def _read_units(

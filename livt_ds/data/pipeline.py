@@ -603,9 +603,9 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, persis
 
 @dataclass(frozen=True)
 class StreamPosition:
-    """Which training batches a loader yields: those of ``rank`` of ``world`` with ``workers`` DataLoader workers
-    in ``epoch`` of the stream seeded ``seed``, batches ``skip .. batches - 1`` of the epoch's ``batches``.
-    The batches are a pure function of these seven numbers (module docstring), which is what makes resume exact."""
+    """Where a rank's training stream starts: ``rank`` of ``world`` with ``workers`` DataLoader workers, in ``epoch``
+    of the stream seeded ``seed``, after the first ``skip`` of the epoch's ``batches`` batches (`train_loader` runs on
+    from there). The batches are a pure function of these numbers (module docstring), which makes resume exact."""
 
     seed: int
     epoch: int

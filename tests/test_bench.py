@@ -8,12 +8,12 @@ import io
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_process
 from PIL import Image
 
 from livt_ds import bench
@@ -62,7 +62,7 @@ def test_cpu_run_reports_every_stage_path_and_input(tiny_shards, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--steps", "2", "--warmup", "1", "--input", "both",
            "--shards", str(tiny_shards), "--zero-stages", "1,2", "--ds-adam", "config,torch-fused",
            "--json-out", str(json_out)]
-    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    result = run_process(cmd, cwd=REPO, env=_env(), timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     doc = json.loads(result.stdout)  # stdout holds the JSON document only; logs go to stderr
     assert json.loads(json_out.read_text()) == doc

@@ -49,7 +49,14 @@ def stopped_at(full: Path, run: Path, step: int) -> str:
     return tag
 
 
-@pytest.fixture(scope="module", params=[pytest.param(c, marks=pytest.mark.xdist_group(c)) for c in CONFIGS])
+# Each config is one xdist group (its runs are trained once, on one worker): marks on a fixture's own params do not
+# reach xdist, so the tests take the config through indirect parametrization.
+per_config = pytest.mark.parametrize(
+    "chain", [pytest.param(c, marks=pytest.mark.xdist_group(c.removesuffix(".json")), id=c) for c in CONFIGS],
+    indirect=True)
+
+
+@pytest.fixture(scope="module")
 def chain(request, toy_shards, tmp_path_factory) -> dict:
     """The runs of one config; each assertion below reads them, none launches its own."""
     from livt_ds.weights import export
@@ -78,6 +85,7 @@ def exported(run: Path, name: str = "model.pt") -> dict[str, torch.Tensor]:
     return torch.load(run / "export" / name, map_location="cpu", weights_only=False)["model"]
 
 
+@per_config
 def test_mgp_export_holds_every_tensor_and_the_sincos_tables(chain):
     from livt_ds.config import ModelConfig
     from livt_ds.models.mae import sincos_pos_embed_2d
@@ -92,6 +100,7 @@ def test_mgp_export_holds_every_tensor_and_the_sincos_tables(chain):
     assert torch.equal(state["decoder_pos_embed"][0], sincos_pos_embed_2d(32, (4, 4)))
 
 
+@per_config
 def test_bft_starts_from_the_mgp_encoder_and_exports_every_tensor(chain):
     from livt_ds.config import ModelConfig
     from livt_ds.models.mae import sincos_pos_embed_2d
@@ -113,6 +122,7 @@ def test_bft_starts_from_the_mgp_encoder_and_exports_every_tensor(chain):
         assert ((state[key] - mgp[key]).abs() <= bound).all(), (key, (state[key] - mgp[key]).abs().max())
 
 
+@per_config
 def test_resumed_bf16_run_follows_the_uninterrupted_one(chain):
     out = chain["out"]
     assert chain["saved"] == [f"step{s:08d}" for s in range(1, STEPS + 1)]
@@ -122,6 +132,7 @@ def test_resumed_bf16_run_follows_the_uninterrupted_one(chain):
     assert part == {s: full[s] for s in part}  # CPU bf16 is deterministic: the same losses, bit for bit
 
 
+@per_config
 @pytest.mark.skipif(WORLD < 2, reason="the world-size change needs 2 ranks (2 GPUs under LIVT_TEST_DEVICE=cuda)")
 def test_universal_resume_onto_one_rank(chain):
     from livt_ds.weights import consolidate
@@ -137,6 +148,7 @@ def test_universal_resume_onto_one_rank(chain):
         assert torch.equal(loaded[key], value), key
 
 
+@per_config
 def test_export_gives_the_engine_eval_metrics(chain):
     out = chain["out"]
     engine = json.loads((out / "bft" / "metrics.json").read_text())

@@ -45,6 +45,20 @@ if (Path(sys.prefix) / "torch_extensions").is_dir():
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--dist loadgroup`` sends the tests of one ``xdist_group`` to one worker by reading "@group" at the end of
+    their node ids. pytest-xdist 3.8 appends it through ``item._nodeid``, which pytest 9 no longer reads (node ids
+    come from ``item._id``): append it here too, in the workers, or every group would be split."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = type(item._id).parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
 def _image(rng: np.random.Generator, label: int, size: int = 20) -> bytes:
     """A class-dependent colour + stripe pattern with noise, so the classes are learnable but not trivial."""
     base = np.zeros((size, size, 3), np.float32)

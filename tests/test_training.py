@@ -439,6 +439,6 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     latest = int((out / "checkpoints" / "latest").read_text().strip()[4:])
     saved = sorted(int(p.name[4:]) for p in (out / "checkpoints").glob("step*"))
     assert latest == saved[-1] < bad  # nothing written at or after the first bad step
-    assert status(out) == {"phase": "failed", "step": bad - 1}  # the last completed step
+    assert status(out) == {"phase": "failed", "step": bad}  # the step whose loss was not finite
     losses = train_losses(out)
     assert all(math.isfinite(v) for s, v in losses.items() if s < bad)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
+import os
 import re
 import shutil
+import socket
 import subprocess
-import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from livt_ds.seeding import rng_state, set_rng_state
 from livt_ds.train_state import StateError, TrainState, write_json_atomic, write_text_atomic
 
 TAG_RE = re.compile(r"^step(\d{8})$")
+SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # one ZeRO optimizer shard per rank
 STATE_FILE = "train_state.json"  # in a tag folder: the training state, and the mark of a complete save
 
 
@@ -111,10 +115,22 @@ class ResumePlan:
         return f"{self.tag}_universal" if self.needs_universal else self.tag
 
 
-def plan_resume(run_dir: Path, resume: str, world: int) -> ResumePlan | None:
-    """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start; a path: that run folder,
-    checkpoint folder or tag folder, which must hold a complete checkpoint. Reads files only."""
+def holds_checkpoints(run_dir: Path) -> bool:
+    """True when the run folder has saved a checkpoint (complete or not)."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    return ckpt_dir.is_dir() and any(p.name == "latest" or TAG_RE.match(p.name) for p in ckpt_dir.iterdir())
+
+
+def plan_resume(run_dir: Path, resume: str, world: int, *, overwrite: bool = False) -> ResumePlan | None:
+    """``auto``: the run's ``latest`` if any (else a fresh start); ``none``: a fresh start, in a folder without
+    checkpoints unless ``overwrite`` (the caller then clears it); a path: that run folder, checkpoint folder or tag
+    folder, which must hold a complete checkpoint. Reads files only."""
     if resume == "none":
+        if not overwrite and holds_checkpoints(run_dir):
+            raise CheckpointError(
+                f"--resume none: {run_dir} holds checkpoints of an earlier run; a fresh start there would mix the "
+                "two runs' checkpoints. Use another --output, --resume auto to continue it, or --overwrite to "
+                "delete its checkpoints, export, metrics and logs first (history.jsonl is kept)")
         return None
     if resume == "auto":
         ckpt_dir = checkpoint_dir(run_dir)
@@ -132,6 +148,103 @@ def plan_resume(run_dir: Path, resume: str, world: int) -> ResumePlan | None:
         raise CheckpointError(f"{ckpt_dir / tag} is incomplete (no {STATE_FILE}: its save was interrupted); "
                               f"resume from {ckpt_dir} ('latest') instead")
     return ResumePlan(ckpt_dir, tag, saved_world_size(ckpt_dir / tag), world)
+
+
+# ------------------------------------------------------------------------------------------------ one decision
+SHARED_MARK = ".all_ranks_see_this"  # written by rank 0 in the run folder while the ranks agree on the resume
+
+
+def agree_on_resume(run_dir: str | Path, resume: str, world: int, *, overwrite: bool = False) -> ResumePlan | None:
+    """The launch's one resume decision (a collective: every rank calls it, every rank gets the same answer).
+
+    Rank 0 makes the plan (`plan_resume`) and broadcasts it, with a token it writes into the run folder. Every rank
+    then checks that it reads the token (the nodes share the output folder) and the files the plan names for it
+    (the model states and its own ZeRO shard, or the universal folder). If any rank cannot, every rank raises the
+    same `CheckpointError` naming the rank, its host and the folder that must be shared: never a hang on a
+    collective that only some ranks reach, never ranks resuming from different steps.
+    """
+    run_dir = Path(run_dir)
+    decision = None
+    if dist.is_main():
+        plan, error, token = None, None, uuid.uuid4().hex
+        try:
+            plan = plan_resume(run_dir, resume, world, overwrite=overwrite)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / SHARED_MARK, token)
+        except Exception as exc:  # raised on every rank below, so no rank waits for a broadcast that never comes
+            error = exc if isinstance(exc, CheckpointError) else CheckpointError(f"{run_dir}: {type(exc).__name__}: "
+                                                                                 f"{exc}")
+        decision = (plan, error, token, str(run_dir.resolve()), socket.gethostname())
+    plan, error, token, main_dir, main_host = dist.broadcast_object(decision)
+    if error is not None:
+        raise error
+    problem = unreadable_on_this_rank(run_dir, token, plan, dist.rank())
+    problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(run_dir.resolve()), problem))
+    if dist.is_main():
+        (run_dir / SHARED_MARK).unlink(missing_ok=True)
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(not_shared_message(problems, main_dir, main_host, "resume"))
+    return plan
+
+
+def unreadable_on_this_rank(run_dir: Path, token: str, plan: ResumePlan | None, rank: int) -> str | None:
+    """What this rank cannot read of the run folder and of ``plan``'s checkpoint (None: everything it needs)."""
+    mark = run_dir / SHARED_MARK
+    try:
+        if mark.read_text() != token:
+            return f"{mark} holds another launch's token"
+    except OSError:
+        return f"{mark}, written by rank 0, is not there"
+    if plan is None:
+        return None
+    universal = plan.ckpt_dir / f"{plan.tag}_universal"
+    if plan.needs_universal and universal.is_dir():  # converted earlier: this rank loads from it
+        needed = [universal / "zero", *glob.glob(str(universal / "*mp_rank_00_model_states.pt"))[:1]]
+        if len(needed) < 2 or not needed[0].is_dir():
+            return f"{universal} (the universal checkpoint) is incomplete or unreadable"
+        return None
+    needed = glob.glob(str(plan.tag_dir / "*mp_rank_00_model_states.pt"))[:1]
+    if not plan.needs_universal:  # its own optimizer shard, as this rank wrote it
+        needed += glob.glob(str(plan.tag_dir / f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))[:1]
+    if len(needed) < (1 if plan.needs_universal else 2):
+        what = "model states" if plan.needs_universal else f"model states or rank {rank}'s ZeRO optimizer shard"
+        return f"{plan.tag_dir} lacks the {what}"
+    for path in needed:
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as exc:
+            return f"{path}: {exc.strerror}"
+    return None
+
+
+def not_shared_message(problems: list[tuple[int, str, str, str]], main_dir: str, main_host: str, when: str) -> str:
+    """One message for every rank: which ranks (rank, host, the folder as they see it) miss what rank 0 wrote."""
+    shown = "; ".join(f"rank {rank} on {host} ({folder}): {what}" for rank, host, folder, what in problems[:4])
+    more = f"; and {len(problems) - 4} more ranks" if len(problems) > 4 else ""
+    return (f"{len(problems)} rank(s) cannot read what rank 0 on {main_host} wrote in {main_dir} at {when}: "
+            f"{shown}{more}. Every node must see the same output folder: put --output on a filesystem all nodes "
+            "share (an absolute path there), or copy the checkpoints to each node before a resume.")
+
+
+def check_every_rank_saved(tag_dir: Path, world: int) -> None:
+    """After a save (a collective): every rank sees every rank's optimizer shard in ``tag_dir``, so a checkpoint split
+    over nodes that do not share the output folder is refused before it is marked complete."""
+    try:
+        names = os.listdir(tag_dir)  # one listing per rank, not one per file: cheap on a parallel filesystem
+    except OSError:
+        names = []
+    seen = {int(m.group(1)) for m in map(SHARD_RE.search, names) if m}
+    missing: list = [r for r in range(world) if r not in seen]
+    if not any(name.endswith("mp_rank_00_model_states.pt") for name in names):
+        missing.append("the model states")
+    problem = f"sees no files of rank(s) {', '.join(map(str, missing))}" if missing else None
+    problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(tag_dir.resolve()), problem))
+    problems = [p for p in problems if p]
+    if problems:
+        main = dist.broadcast_object((str(tag_dir.resolve()), socket.gethostname()))
+        raise CheckpointError(not_shared_message(problems, main[0], main[1], f"the save of {tag_dir.name}"))
 
 
 # ------------------------------------------------------------------------------------------------ manager
@@ -158,6 +271,7 @@ class CheckpointManager:
         client = {"train_state": state.to_dict(), "rng": dist.gather_objects(rng_state()), "recipe": recipe}
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()  # every rank's files are written: only now is the tag complete
+        check_every_rank_saved(self.dir / tag, dist.world_size())
         if dist.is_main():
             write_json_atomic(self.dir / tag / STATE_FILE, state.to_dict())
             write_text_atomic(self.dir / "latest", tag)
@@ -208,27 +322,36 @@ class CheckpointManager:
 def to_universal(ckpt_dir: Path, tag: str) -> str:
     """Convert ``ckpt_dir/tag`` to DeepSpeed's universal format (once, on rank 0); return the new tag.
 
-    A collective when a process group is up: every rank must call it; a failure on rank 0 raises on every rank."""
+    The conversion runs DeepSpeed's ds_to_universal in a subprocess that reads every file weights-only
+    (livt_ds/universal.py): a file that would need arbitrary Python objects is refused (UnsafeWeightsError, on every
+    rank) before any of it is unpickled. A collective when a process group is up: every rank must call it; a failure
+    on rank 0 raises on every rank."""
+    from livt_ds import universal
+
     uni_tag = f"{tag}_universal"
-    error = None
+    error = refused = None
     if dist.is_main() and not (ckpt_dir / uni_tag).is_dir():
         tmp = ckpt_dir / f"{uni_tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
         print(f"[livt] converting {ckpt_dir / tag} to a universal checkpoint ...", flush=True)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
+        result = subprocess.run(universal.command(ckpt_dir / tag, tmp), capture_output=True, text=True,
+                                env=universal.environment())
+        if result.returncode == universal.EXIT_REFUSED:
+            refused = result.stderr.strip().splitlines()[-1]
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif result.returncode != 0:
             error = f"universal conversion of {ckpt_dir / tag} failed:\n{result.stderr[-3000:]}"
         else:
             tmp.rename(ckpt_dir / uni_tag)
-            (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
-    error = dist.broadcast_object(error)
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; nothing reads it
+    error, refused = dist.broadcast_object((error, refused))
+    if refused:
+        from livt_ds.safe_load import UnsafeWeightsError
+
+        raise UnsafeWeightsError(refused)
     if error:
         raise CheckpointError(error)
     return uni_tag
-
 
 
 def model_states(tag_dir: Path) -> dict[str, Any]:
@@ -271,6 +394,15 @@ def check_model_matches(model: torch.nn.Module, tag_dir: Path) -> None:
                               + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else ""))
 
 
+def saved_step(tag_dir: Path) -> int:
+    """The optimizer step a complete checkpoint was saved at (from its train_state.json; else from its tag)."""
+    state = tag_dir / STATE_FILE
+    if state.is_file():
+        return int(json.loads(state.read_text())["step"])
+    match = TAG_RE.match(tag_dir.name)
+    return int(match.group(1)) if match else 0
+
+
 def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
     """The resolved recipe a checkpoint was trained with (its client state), None for a checkpoint without one."""
     recipe = model_states(tag_dir).get("recipe")
@@ -278,10 +410,23 @@ def saved_recipe(tag_dir: Path) -> dict[str, Any] | None:
 
 
 
+def saved_data_sha256(tag_dir: Path) -> str | None:
+    """The meta.json digest of the shard set a checkpoint was trained on (None for a checkpoint without one)."""
+    try:
+        return json.loads((tag_dir / STATE_FILE).read_text()).get("data_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _load_engine(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """Load model, optimizer and client state; the checkpoint must exist (DeepSpeed only warns otherwise)."""
+    from livt_ds.safe_load import UnsafeWeightsError, weights_only_loading
+
     try:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+        with weights_only_loading(ckpt_dir / tag):  # DeepSpeed's loader unpickles with weights_only=False
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    except UnsafeWeightsError:
+        raise
     except (RuntimeError, AssertionError) as exc:
         raise CheckpointError(f"{ckpt_dir / tag} does not match the model being trained "
                               f"(another model size or stage?): {str(exc)[:800]}") from exc

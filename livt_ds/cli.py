@@ -1,4 +1,5 @@
-"""`livt {shard,pretrain,finetune,eval,export,predict}` (also `python -m livt_ds ...`, under the deepspeed launcher)."""
+"""`livt {shard,pretrain,finetune,eval,export,predict,compare}` (also `python -m livt_ds ...`, under the
+deepspeed launcher)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_DATA_OUTAGE = 4  # the run saved a checkpoint and stopped: resume once the data source is back
 
 
 def default_ds_config() -> str:
@@ -32,6 +34,9 @@ def _run_args(parser: argparse.ArgumentParser, training: bool) -> None:
         parser.add_argument("--allow-recipe-change", action="store_true",
                             help="resume although the recipe changes what is trained (recorded in history.jsonl; "
                                  "with another train.epochs the lr follows the schedule planned for the new length)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="with --resume none: start over in a run folder that holds checkpoints, deleting "
+                                 "its checkpoints, export, evaluations, metrics and logs first (history.jsonl stays)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2 data.path=shards/x")
 
 
@@ -44,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(sub.add_parser("pretrain", help="MGP: masked generative pretraining"), training=True)
     _run_args(sub.add_parser("finetune", help="BFT: balanced fine-tuning (model.init = an MGP run or export)"),
               training=True)
-    _run_args(sub.add_parser("eval", help="evaluate a BFT run or export (model.init) on data.path"), training=False)
+    evaluation = sub.add_parser("eval", help="evaluate a BFT run or export (model.init) on data.path")
+    _run_args(evaluation, training=False)
+    evaluation.add_argument("--split", default=None,
+                            help="split of data.path to evaluate (default data.eval_split); 'test' reads the test "
+                                 "split")
+    sub.add_parser("compare", help="compare finished runs side by side, test numbers included (python -m "
+                                    "livt_ds.compare --help)", add_help=False)
     export = sub.add_parser("export", help="consolidated fp32 weights of a run, loadable without DeepSpeed")
     export.add_argument("run", help="run folder (holding checkpoints/)")
     export.add_argument("--output", default=None, help="default RUN/export")
@@ -89,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from livt_ds.data.make_shards import main as shard_main
 
         return shard_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from livt_ds.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if r.startswith("-") or "=" not in r]
@@ -96,19 +111,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:  # key=value overrides placed after options
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    from livt_ds.checkpoint import CheckpointError
-    from livt_ds.config import ConfigError
+    from livt_ds.data.remote import DataSourceOutage
     from livt_ds.engine import NonFiniteLossError
-    from livt_ds.provenance import RunLockedError
 
     try:
         return _dispatch(args)
-    except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError, ValueError) as exc:
-        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except NonFiniteLossError as exc:
         print(f"livt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except DataSourceOutage as exc:
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_DATA_OUTAGE
+    except Exception as exc:
+        if not is_expected_error(exc):
+            raise  # a bug: its traceback is what helps
+        print(f"livt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def is_expected_error(exc: BaseException) -> bool:
+    """Errors of the user's input or setting, reported in one line (exit 2) rather than with a traceback: a bad
+    recipe or checkpoint, a locked run folder, a missing file, a shard set that is wrong or cannot be read, missing
+    storage credentials."""
+    from livt_ds.checkpoint import CheckpointError
+    from livt_ds.config import ConfigError
+    from livt_ds.data.remote import ShardUnavailable, is_credentials_error
+    from livt_ds.data.shards import ShardSetError
+    from livt_ds.provenance import RunLockedError
+
+    expected = (ConfigError, CheckpointError, RunLockedError, ShardSetError, ShardUnavailable, FileNotFoundError,
+                ValueError)
+    return isinstance(exc, expected) or is_credentials_error(exc)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -128,8 +161,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {done['images']} predictions and {done['errors']} unreadable-image lines to {done['output']}")
         return 0
     from livt_ds import dist
-    from livt_ds.config import load_recipe
+    from livt_ds.config import ConfigError, load_recipe
 
+    if getattr(args, "overwrite", False) and args.resume != "none":
+        raise ConfigError(f"--overwrite starts the run over: use it with --resume none (got --resume {args.resume})")
     recipe = load_recipe(args.config, args.overrides)  # fail on a bad recipe before any process group starts
     dist.init_distributed()
     try:
@@ -145,22 +180,23 @@ def _run_distributed(args: argparse.Namespace, recipe) -> int:
     if args.command == "eval":
         from livt_ds.evaluate import run_eval
 
-        metrics = run_eval(recipe, ds_config, args.output)
+        metrics = run_eval(recipe, ds_config, args.output, split=args.split)
         if dist.is_main():
             from livt_ds.report import prior_table_text
 
-            shown = {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece", "mce", "num_samples")}
+            shown = {k: metrics[k] for k in ("split", "top1", "many", "medium", "few", "ece", "mce", "num_samples")}
             print(json.dumps(shown))
             loss = metrics["test_prior_loss"]
             print(f"expected top-1 (%) under other test priors (raw, and adjusted for the prior; loss {loss['name']}, "
                   f"tau {loss['tau']}):")
             print(prior_table_text(metrics["test_priors"]))
+            print(f"wrote {Path(metrics['output']) / 'metrics.json'}")
         return 0
     from livt_ds.engine import Trainer
 
     stage = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
     Trainer(stage, recipe, ds_config, args.output, resume=args.resume,
-            allow_recipe_change=args.allow_recipe_change).run()
+            allow_recipe_change=args.allow_recipe_change, overwrite=args.overwrite).run()
     return 0
 
 

@@ -6,6 +6,9 @@ the command), ``OUTPUT/per_class_accuracy.png`` and ``OUTPUT/reliability.png``. 
 head -> tail order and the many/medium/few groups come from the shard set's ``meta.json``
 (``--meta``, else the first run's ``config.yaml`` ``data.path``).
 
+When a run holds ``test_metrics.json`` (its test split, read once at the end of training), the report and the
+console add the test numbers of the checkpoint chosen on val and of the last one.
+
 Runs that share a label are seeds of one setting (their recipes may differ in ``train.seed`` only): the table
 shows mean +- sample standard deviation over them, the per-class table and plot the per-class mean, the
 reliability diagram the bins of all their predictions pooled.
@@ -31,7 +34,7 @@ from livt_ds.metrics import ECE_BINS
 
 __all__ = [
     "RunResult", "load_run", "eval_history", "load_class_info", "check_seed_group", "mean_std", "mean_metrics",
-    "comparison_markdown", "write_comparison", "main",
+    "comparison_markdown", "test_table", "write_comparison", "main",
 ]
 
 MARKDOWN_NAME = "loss_comparison.md"
@@ -57,8 +60,19 @@ _SETTINGS = (
     ("smoothing", "augment", "label_smoothing"),
     ("RandAug", "augment", "rand_augment"),
     ("erasing", "augment", "re_prob"),
+    ("gamma", "loss", "gamma"),
+    ("beta", "loss", "beta"),
+    ("margin", "loss", "max_margin"),
+    ("scale", "loss", "scale"),
+    ("DRW epoch", "loss", "drw_epoch"),
     ("seed", "train", "seed"),
 )
+# The loss keys that act on each loss (others are shown as "-").
+_LOSS_KEY_USERS = {"tau": ("bal_ce", "bal_bce"), "gamma": ("focal", "cb_focal"), "beta": ("cb_ce", "cb_focal", "ldam"),
+                   "max_margin": ("ldam",), "scale": ("ldam",), "drw_epoch": ("ldam",)}
+TEST_METRICS = "test_metrics.json"
+_TEST_KEYS = (("top-1", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"), ("ECE", "ece"))
+_TEST_CHECKPOINTS = (("best_on_val", "best on val"), ("last", "last"))
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class RunResult:
     metrics: dict[str, Any]
     recipe: dict[str, Any]
     history: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    test: dict[str, Any] | None = None  # test_metrics.json: {"split", "best_on_val": {...}, "last": {...}}
 
 
 def load_run(path: str | Path) -> RunResult:
@@ -85,7 +100,9 @@ def load_run(path: str | Path) -> RunResult:
         raise ValueError(f"{metrics_path}: keys {absent} missing; is this a finetune/eval run (not an MGP run)?")
     config_path = metrics_path.parent / "config.yaml"
     recipe = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    return RunResult(metrics_path.parent, metrics, recipe or {}, eval_history(metrics_path.parent))
+    test_path = metrics_path.parent / TEST_METRICS
+    test = json.loads(test_path.read_text()) if test_path.is_file() else None
+    return RunResult(metrics_path.parent, metrics, recipe or {}, eval_history(metrics_path.parent), test)
 
 
 def eval_history(run: str | Path) -> list[tuple[float, dict[str, float]]]:
@@ -219,6 +236,25 @@ def _results_table(groups: Mapping[str, Sequence[RunResult]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_table(groups: Mapping[str, Sequence[RunResult]]) -> str:
+    """``label | checkpoint | split | top-1 | ... | ECE`` of the runs' test_metrics.json ("" when none has one):
+    the checkpoint chosen on val and the last one, mean ± std over seeds that all have test numbers."""
+    rows = []
+    for label, runs in groups.items():
+        tests = [run.test for run in runs if run.test]
+        if len(tests) != len(runs):
+            continue
+        split = "/".join(sorted({str(t.get("split")) for t in tests}))
+        for key, name in _TEST_CHECKPOINTS:
+            cells = [_cell(*mean_std([t[key].get(metric) for t in tests])) for _, metric in _TEST_KEYS]
+            rows.append(f"| {str(label).replace('|', chr(92) + '|')} | {name} | {split} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = ["| label | checkpoint | split | " + " | ".join(name for name, _ in _TEST_KEYS) + " |",
+            "| --- | --- | --- |" + " ---: |" * len(_TEST_KEYS)]
+    return "\n".join(head + rows) + "\n"
+
+
 def _as_groups(runs: Mapping[str, RunResult | Sequence[RunResult]]) -> dict[str, list[RunResult]]:
     return {label: [run] if isinstance(run, RunResult) else list(run) for label, run in runs.items()}
 
@@ -247,8 +283,8 @@ def _meta_from_runs(runs: Sequence[RunResult]) -> Path:
 
 def _setting(recipe: Mapping[str, Any], section: str, key: str) -> str:
     value = recipe.get(section, {}).get(key)
-    if (section, key) == ("loss", "tau") and not str(recipe.get("loss", {}).get("name", "bal")).startswith("bal"):
-        value = None  # tau only scales the balanced losses' bias
+    if section == "loss" and key in _LOSS_KEY_USERS and recipe.get("loss", {}).get("name") not in _LOSS_KEY_USERS[key]:
+        value = None  # a key the run's loss does not use (tau only scales the balanced losses' bias)
     if value is None or value == "":
         return "\u2013"
     return str(value).replace("|", "\\|")
@@ -274,6 +310,11 @@ def comparison_markdown(
         caption += (f"; mean \u00b1 sample standard deviation over seeds (seeds per row: {counts}); "
                     "per-class accuracy below is the mean over seeds")
     lines += [caption + ".", ""]
+    tests = test_table(groups)
+    if tests:
+        lines += ["## Test split (read once)", "", tests.rstrip(), "",
+                  "Each run's test split evaluated once after training (test_metrics.json): the checkpoint chosen on "
+                  "the eval split (val) and the last one. The table above is the eval split.", ""]
     lines += [f"![per-class accuracy]({PER_CLASS_NAME})", "", "## Per-class accuracy (%), head \u2192 tail", ""]
     order = sorted(range(len(class_counts)), key=lambda i: (-class_counts[i], i))
     means = {label: mean_metrics(group)["per_class"] for label, group in groups.items()}
@@ -382,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
     print(_results_table(groups), end="")
+    tests = test_table(groups)
+    if tests:
+        print(f"test split (read once):\n{tests}", end="")
     for path in paths.values():
         print(f"wrote {path}")
     return 0

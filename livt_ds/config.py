@@ -48,7 +48,8 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a shard set folder made by scripts/make_shards.py, or its URL (http(s)://, s3://, gs://, pipe:)
     train_split: str = "train"
-    eval_split: str = "val"
+    eval_split: str = "val"  # evaluations during training, and the choice of the best checkpoint, read this split
+    test_split: str | None = "auto"  # read once at the end of BFT; auto: meta.json's test split; null: none
     num_workers: int = 4
     mean: list[float] | None = None  # None: meta.json's measured mean, else ImageNet's
     std: list[float] | None = None
@@ -77,9 +78,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "bal_bce"  # ce | bal_ce | bce | bal_bce
-    tau: float = 1.0
-    test_prior: list[float] | None = None  # None: uniform (balanced test set)
+    name: str = "bal_bce"  # ce | bal_ce | bce | bal_bce | focal | cb_ce | cb_focal | ldam (livt_ds/losses.py)
+    tau: float = 1.0  # bal_ce, bal_bce: scale of the logit bias
+    test_prior: list[float] | None = None  # bal_ce, bal_bce: None = uniform (balanced test set)
+    gamma: float = 2.0  # focal, cb_focal: the focusing exponent
+    beta: float = 0.9999  # cb_ce, cb_focal, ldam's DRW: class-balanced weights (1 - beta) / (1 - beta^n_c)
+    max_margin: float = 0.5  # ldam: the rarest class's margin
+    scale: float = 30.0  # ldam: s in cross_entropy(s * (z - m_y onehot(y)), y)
+    drw_epoch: int | None = None  # ldam: re-weight from this (0-based) epoch on; None = 80 % of train.epochs
+
+    def __post_init__(self) -> None:
+        from livt_ds.losses import LOSS_NAMES
+
+        if self.name not in LOSS_NAMES:
+            raise ConfigError(f"loss.name={self.name!r} is unknown; valid names: {', '.join(LOSS_NAMES)}")
+        checks = (("gamma", self.gamma >= 0, ">= 0 (0 is cross-entropy)"), ("beta", 0 <= self.beta < 1, "in [0, 1)"),
+                  ("max_margin", self.max_margin > 0, "> 0"), ("scale", self.scale > 0, "> 0"),
+                  ("drw_epoch", self.drw_epoch is None or self.drw_epoch >= 0, ">= 0 (or null for 80 % of epochs)"))
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"loss.{key}={getattr(self, key)}: must be {rule}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,18 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------------------- recipe I/O
+
+
+def check_loss_targets(recipe: Recipe) -> None:
+    """Refuse a loss that needs hard labels together with augmentations that make soft targets."""
+    from livt_ds.losses import HARD_LABEL_LOSSES
+
+    a = recipe.augment
+    soft = {k: v for k, v in (("mixup", a.mixup), ("cutmix", a.cutmix), ("label_smoothing", a.label_smoothing)) if v}
+    if recipe.loss.name in HARD_LABEL_LOSSES and soft:
+        raise ConfigError(f"loss.name={recipe.loss.name} needs hard labels (its margin belongs to one true class), "
+                          f"but augment makes soft targets ({', '.join(f'{k}={v}' for k, v in soft.items())}); "
+                          "set " + " ".join(f"augment.{k}=0" for k in soft))
 
 
 def _field_names(cls: type) -> list[str]:
@@ -287,10 +317,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return _build(Recipe, tree, "")
+        recipe = _build(Recipe, tree, "")
+        check_loss_targets(recipe)
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -337,12 +369,43 @@ class BatchPlan:
         return self.micro * self.accumulation * self.world
 
 
+def largest_micro(batch: int, world: int, ceiling: int) -> int | None:
+    """The largest micro-batch m <= ``ceiling`` with m x accumulation x ``world`` == ``batch`` for a whole
+    accumulation; None when ``batch`` is not a multiple of ``world``."""
+    if batch % world:
+        return None
+    per_rank = batch // world
+    return next((m for m in range(min(ceiling, per_rank), 0, -1) if per_rank % m == 0), None)
+
+
+def nearest_batches(batch: int, world: int, unit: int = 1) -> list[int]:
+    """The batch sizes closest to ``batch`` (one below, one above) that split over ``world`` ranks in whole
+    micro-batches: the multiples of ``world * unit``."""
+    step = world * unit
+    below, above = batch // step * step, -(-batch // step) * step
+    return sorted({b for b in (below, above) if b > 0})
+
+
+def _no_layout(batch: int, world: int, step_unit: int, train: TrainConfig, why: str) -> ConfigError:
+    options = " or ".join(f"train.batch_size={b} (lr {base_lr(train, b):.3g})"
+                          for b in nearest_batches(batch, world, step_unit))
+    return ConfigError(f"train.batch_size={batch} cannot be split over {world} ranks: {why}. Nearest batch sizes "
+                       f"that work: {options} (lr = train.blr {train.blr:g} x batch / 256"
+                       + (f"; train.lr={train.lr:g} is fixed" if train.lr is not None else "") + ")")
+
+
 def plan_batch(ds: dict[str, Any], train: TrainConfig, world: int) -> BatchPlan:
-    """Fill the batch triple from the recipe and the JSON, refusing contradictions."""
+    """Fill the batch triple from the recipe and the JSON, refusing contradictions.
+
+    ``train.micro_batch`` is a per-rank ceiling (what fits in one GPU's memory): with a fixed ``train.batch_size``
+    the largest micro-batch at or under it that makes micro x accumulation x world == batch is chosen, so a recipe
+    starts unchanged on any world size that divides its batch. A micro-batch written in the JSON is taken as is.
+    """
     micro = ds.get("train_micro_batch_size_per_gpu", AUTO)
     accum = ds.get("gradient_accumulation_steps", AUTO)
     total = ds.get("train_batch_size", AUTO)
-    if not _explicit(micro):
+    fixed_micro = _explicit(micro)
+    if not fixed_micro:
         micro = train.micro_batch
         if micro is None:
             raise ConfigError("train_micro_batch_size_per_gpu is 'auto' in the DeepSpeed config: set train.micro_batch "
@@ -355,14 +418,27 @@ def plan_batch(ds: dict[str, Any], train: TrainConfig, world: int) -> BatchPlan:
         batch = int(total)
     if _explicit(total) and batch != total:
         raise ConfigError(f"train.batch_size={batch} contradicts train_batch_size={total} in the DeepSpeed config")
-    if not _explicit(accum):
-        if batch is None:
-            accum = 1
-        else:
+    if batch is not None and not _explicit(accum):
+        if fixed_micro:
             if batch % (micro * world):
-                raise ConfigError(f"train.batch_size={batch} is not divisible by micro batch {micro} x world size "
-                                  f"{world}; choose a batch size that is, or another micro batch")
-            accum = batch // (micro * world)
+                raise _no_layout(batch, world, int(micro), train, f"it is not a multiple of the DeepSpeed config's "
+                                 f"train_micro_batch_size_per_gpu {micro} x {world} ranks")
+        else:
+            chosen = largest_micro(batch, world, int(micro))
+            if chosen is None:
+                why = "it is smaller than the world size" if batch < world else "it is not a multiple of the world size"
+                raise _no_layout(batch, world, 1, train, why)
+            micro = chosen
+        accum = batch // (micro * world)
+    elif batch is not None and not fixed_micro:  # accumulation fixed in the JSON: the micro-batch follows
+        per_micro = batch / (int(accum) * world)
+        if per_micro != int(per_micro) or not 1 <= per_micro <= micro:
+            raise _no_layout(batch, world, int(accum), train, f"the DeepSpeed config fixes gradient_accumulation_steps"
+                             f" {accum}, which needs a micro-batch of {per_micro:g} (train.micro_batch allows at most "
+                             f"{micro})")
+        micro = int(per_micro)
+    elif not _explicit(accum):
+        accum = 1
     plan = BatchPlan(int(micro), int(accum), world)
     if batch is not None and plan.global_batch != batch:
         raise ConfigError(f"train_batch_size {batch} != micro {micro} x gradient_accumulation_steps {accum} x world "

@@ -7,6 +7,7 @@ import datetime
 import io
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +29,8 @@ def launcher_settings(env: Mapping[str, str], free_port: Callable[[], int] = _fr
     values torch.distributed needs, from the launcher's variables in ``env`` (a pure function of ``env``).
 
     The deepspeed launcher and torchrun set them already. Under MPI (mpirun: Open MPI or PMI/MPICH) and SLURM
-    (srun) their variables are translated. A plain process becomes a world of one on a free local port.
+    (srun) their variables are translated; under SLURM the rendezvous is the first host of the step's (else the job's)
+    node list, on a port derived from the job id. A plain process becomes a world of one on a free local port.
     Values already in ``env`` for LOCAL_RANK / MASTER_ADDR / MASTER_PORT are kept. Returns (name, variables).
     """
     out: dict[str, str] = {}
@@ -45,7 +47,10 @@ def launcher_settings(env: Mapping[str, str], free_port: Callable[[], int] = _fr
         launcher = "slurm"
         out.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"])
         out["LOCAL_RANK"] = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        out["MASTER_ADDR"] = env.get("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR") or (expand_nodelist(nodes)[0] if nodes else "127.0.0.1")
+        if "SLURM_JOB_ID" in env:
+            out["MASTER_PORT"] = env.get("MASTER_PORT", str(slurm_port(env["SLURM_JOB_ID"])))
     else:
         launcher = "single process"
         out.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -54,6 +59,51 @@ def launcher_settings(env: Mapping[str, str], free_port: Callable[[], int] = _fr
     out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     out.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
     return launcher, out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list in full, in order: ``gpu-[07,09-10],cpu1`` -> gpu-07, gpu-09, gpu-10, cpu1.
+
+    Ranges keep their zero padding (``a100-n[0003-0004]``); several bracket groups in one name expand as a product.
+    """
+    hosts: list[str] = []
+    for name in re.findall(r"(?:[^,\[]+|\[[^\]]*\])+", nodelist):
+        variants = [""]
+        for text, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", name):
+            values = [text + value for value in _expand_ranges(group)] if group else [text]
+            variants = [v + value for v in variants for value in values]
+        hosts.extend(variants)
+    return hosts
+
+
+def _expand_ranges(group: str) -> list[str]:
+    """``07,09-10`` -> 07, 09, 10 (the width of the first bound is kept)."""
+    values: list[str] = []
+    for part in group.split(","):
+        first, _, last = part.partition("-")
+        if not last:
+            values.append(first)
+            continue
+        values.extend(str(n).zfill(len(first)) for n in range(int(first), int(last) + 1))
+    return values
+
+
+def slurm_port(job_id: str) -> int:
+    """A port for the job's rendezvous derived from its id, so two jobs sharing a node do not collide: 15000-29999
+    (under the Linux ephemeral range, which starts at 32768)."""
+    return 15000 + int(re.sub(r"\D", "", job_id) or 0) % 15000
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device a rank drives: its local rank when the task sees every GPU of its node, device 0 when it sees
+    only its own (``srun --gpus-per-task=1`` or a one-device CUDA_VISIBLE_DEVICES)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} has no GPU: this task sees {visible} devices "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one task per "
+                       "GPU (srun --ntasks-per-node=GPUS) and let each see all of its node's GPUs or exactly one")
 
 
 def discover_launcher_env() -> str:
@@ -70,7 +120,9 @@ def init_distributed() -> str:
     global _CONTROL_GROUP
     launcher = discover_launcher_env()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = cuda_device_index(int(os.environ["LOCAL_RANK"]), torch.cuda.device_count())
+        os.environ["LOCAL_RANK"] = str(device)  # DeepSpeed and its process group take the device from LOCAL_RANK
+        torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host: share the cores instead of oversubscribing
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))

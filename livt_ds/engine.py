@@ -21,14 +21,17 @@ import yaml
 from livt_ds import checkpoint, dist, provenance
 from livt_ds.checkpoint import CheckpointManager, ResumePlan
 from livt_ds.config import ConfigError, Recipe, load_ds_config, recipe_to_dict, resolve_ds_config, save_recipe
-from livt_ds.data.pipeline import settle_feeder_threads, skipped_samples, skipped_shards, train_loader
-from livt_ds.data.remote import RemoteOptions
-from livt_ds.data.shards import load_meta
+from livt_ds.cuda_arch import set_plain_cuda_arch_list
+from livt_ds.data.pipeline import skipped_samples, skipped_shards, train_loader
+from livt_ds.data.remote import DataSourceOutage, RemoteOptions
+from livt_ds.data.shards import load_meta, meta_digest
 from livt_ds.evaluate import evaluate, save_evaluation
 from livt_ds.optim import apply_lr, lr_at, param_groups
 from livt_ds.run_log import Logger
 from livt_ds.seeding import seed_everything
+from livt_ds.step_feed import step_batches
 from livt_ds.tasks import Task, build_task
+from livt_ds.test_split import evaluate_test_once
 from livt_ds.train_state import Best, Schedule, TrainState, write_status
 
 
@@ -45,6 +48,7 @@ def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     model = task.build_model()
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     groups = param_groups(model, weight_decay, recipe.train.layer_decay)
+    set_plain_cuda_arch_list()  # before DeepSpeed builds an op: it cannot parse torch's "9.0a"
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
     return engine, optimizer, dtype
@@ -97,14 +101,15 @@ class Trainer:
     throughout. Every attribute exists once ``__init__`` returns; `run` fills in the engine and the state."""
 
     def __init__(self, stage: str, recipe: Recipe, ds_config_path: str, output: str | Path, *, resume: str,
-                 allow_recipe_change: bool = False):
+                 allow_recipe_change: bool = False, overwrite: bool = False):
         if not recipe.data.path:
             raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
         self.stage, self.recipe, self.output = stage, recipe, Path(output)
-        self.resume, self.allow_recipe_change = resume, allow_recipe_change
+        self.resume, self.allow_recipe_change, self.overwrite = resume, allow_recipe_change, overwrite
         self.world = dist.world_size()
         self.remote = RemoteOptions.from_config(recipe.data)
         self.meta = load_meta(recipe.data.path, self.remote)
+        self.data_sha256 = meta_digest(self.meta)  # a resume may read another copy of the same set
         self.ds_config = resolve_ds_config(load_ds_config(ds_config_path), recipe, self.world)
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.task = build_task(stage, recipe, self.meta)
@@ -133,7 +138,9 @@ class Trainer:
         """Train to the end (or a stop); returns the best evaluation ({} when none)."""
         try:
             self._claim_run_folder()
-            self.plan = checkpoint.plan_resume(self.output, self.resume, self.world)
+            self.plan = checkpoint.agree_on_resume(self.output, self.resume, self.world, overwrite=self.overwrite)
+            if self.overwrite:
+                self._discard_earlier_run()
             if self.plan is not None:
                 self._check_recipe_change()
             self._write_run_files()
@@ -164,11 +171,15 @@ class Trainer:
         try:
             self._status("train")
             self._loop()
+            evaluate_test_once(self.task, self.recipe, self.output, self.remote, self.state, self.log,
+                               finished=self.state.step >= s.total_steps)
             reason = ("sigterm" if self.stop_requested else "finished" if self.state.step >= s.total_steps
                       else "stop_after_steps")
             self._status("finished" if reason == "finished" else "stopped")
         except BaseException as exc:
             reason = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            if isinstance(exc, DataSourceOutage):  # every rank is here, at the same step boundary (step_batches)
+                raise self._save_for_outage(exc) from None
             self._status("failed")
             raise
         finally:
@@ -195,27 +206,25 @@ class Trainer:
                 return
 
     def _optimizer_steps(self) -> Iterator[None]:
-        """Train micro-batch by micro-batch, epoch by epoch from the state's position; yield after each optimizer
-        step (``state.step`` advanced). Ends at ``self.end``."""
+        """Train micro-batch by micro-batch from the state's position through one loader that runs every remaining
+        epoch; yield after each optimizer step (``state.step`` advanced). The caller stops at ``self.end``."""
         s, state, recipe = self.schedule, self.state, self.recipe
-        transform = self.task.train_transform()
-        while state.step < self.end:
-            position = s.stream_position(state.step, seed=recipe.train.seed, rank=dist.rank(), world=self.world,
-                                         workers=recipe.data.num_workers)
-            loader = train_loader(recipe.data.path, position, split=recipe.data.train_split, transform=transform,
-                                  batch_size=self.micro_batch, pin_memory=torch.cuda.is_available(),
-                                  remote=self.remote)
-            self.engine.train()
-            settle_feeder_threads()
-            for micro, (images, labels) in enumerate(loader, start=1):
-                if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
-                    apply_lr(self.optimizer, s.lr(state.step))
-                self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
-                if micro % s.accumulation == 0:
-                    state.step += 1
-                    self.window.steps += 1
-                    self.log.advance()
-                    yield
+        if state.step >= self.end:
+            return
+        loader = train_loader(recipe.data.path, self._position(state.step), epochs=recipe.train.epochs,
+                              split=recipe.data.train_split, transform=self.task.train_transform(),
+                              batch_size=self.micro_batch, pin_memory=torch.cuda.is_available(), remote=self.remote)
+        self.engine.train()
+        for micro, (images, labels) in enumerate(step_batches(loader, s.accumulation), start=1):
+            if (micro - 1) % s.accumulation == 0:  # the first micro-batch of an optimizer step
+                apply_lr(self.optimizer, s.lr(state.step))
+                self.task.set_epoch(s.epoch_of(state.step))
+            self.window.add(train_micro_step(self.engine, self.task, images, labels, self.dtype), state.step)
+            if micro % s.accumulation == 0:
+                state.step += 1
+                self.window.steps += 1
+                self.log.advance()
+                yield
 
     # ----------------------------------------------------------------------------------------- set-up
     def _claim_run_folder(self) -> None:
@@ -236,16 +245,30 @@ class Trainer:
         if dist.is_main():
             saved = checkpoint.saved_recipe(self.plan.tag_dir)
             if saved is not None:
+                new = recipe_to_dict(self.recipe)
+                data_sha256 = (checkpoint.saved_data_sha256(self.plan.tag_dir), self.data_sha256)
                 try:
-                    diff = provenance.check_resume_recipe(saved, recipe_to_dict(self.recipe),
+                    diff = provenance.check_resume_recipe(saved, new,
                                                           allow=self.allow_recipe_change,
-                                                          checkpoint=str(self.plan.tag_dir), output=str(self.output))
+                                                          checkpoint=str(self.plan.tag_dir), output=str(self.output),
+                                                          data_sha256=data_sha256)
+                    provenance.refuse_change_that_trains_nothing(saved, new, diff, data_sha256,
+                                                                 checkpoint.saved_step(self.plan.tag_dir), self.end,
+                                                                 str(self.plan.tag_dir))
                 except ConfigError as exc:
                     error = str(exc)
         error, diff, saved = dist.broadcast_object((error, diff, saved))
         if error:
             raise ConfigError(error)
         self.recipe_change, self.saved_recipe = diff, saved
+
+    def _discard_earlier_run(self) -> None:
+        """``--resume none --overwrite``: rank 0 deletes the earlier run's outputs (history.jsonl stays)."""
+        if dist.is_main():
+            deleted = provenance.discard_run_outputs(self.output)
+            if deleted:
+                print(f"[livt] --overwrite: deleted {', '.join(deleted)} of the earlier run in {self.output}")
+        dist.barrier()
 
     def _write_run_files(self) -> None:
         if dist.is_main():
@@ -309,7 +332,7 @@ class Trainer:
         return provenance.History(self.output).start(
             stage=self.stage, recipe=recipe_to_dict(self.recipe), start_step=self.start_step, world_size=self.world,
             hosts=hosts, resumed_from=str(self.plan.tag_dir) if self.plan else None, diff=self.recipe_change,
-            schedule={**self.schedule.as_dict(), "change": self.schedule_change})
+            schedule={**self.schedule.as_dict(), "change": self.schedule_change}, data_sha256=self.data_sha256)
 
     # ----------------------------------------------------------------------------------------- step parts
     def _position(self, step: int):
@@ -379,10 +402,21 @@ class Trainer:
         self._status("train")
         return True
 
+    def _save_for_outage(self, exc: DataSourceOutage) -> DataSourceOutage:
+        """Save the last completed step (unless saved already) before the run stops; the error says how to go on."""
+        step = self.state.step
+        if step > 0 and self.state.last_saved != step:
+            self._save()
+        self._status("stopped")
+        saved = f"saved a checkpoint at step {step}" if step > 0 else "no step was completed"
+        return DataSourceOutage(f"{exc}. The run stopped: {saved} in {self.output}; when the source is back, continue "
+                                "with --resume auto (data.retries and data.timeout_s may be raised on resume)")
+
     def _save(self) -> None:
         self._check_finite()  # never a checkpoint of non-finite weights
         self._status("save")
         self.state.stream = self._position(self.state.step).without_rank()
         self.state.skipped = self._skipped()
+        self.state.data_sha256 = self.data_sha256
         self.checkpoints.save(self.engine, self.state, recipe_to_dict(self.recipe))
         self._status("train")

@@ -9,6 +9,8 @@ config enables bf16.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,22 +23,70 @@ from livt_ds.checkpoint import CheckpointError
 from livt_ds.config import ConfigError, Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
-from livt_ds.data.shards import load_meta
+from livt_ds.data.shards import ShardSetError, load_meta
+from livt_ds.model_record import follow_record, model_record, resolve_model
 from livt_ds.report import save_images
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task
 from livt_ds.train_state import write_json_atomic
 from livt_ds.weights import weights_provenance
 
+logger = logging.getLogger(__name__)
+
 
 def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Recipe, remote: RemoteOptions,
-             cast: Callable[[torch.Tensor], torch.Tensor]) -> EvalResult:
-    """``task.evaluate`` over ``recipe.data.eval_split``, sharded over the ranks (a collective)."""
-    loader = eval_loader(recipe.data.path, split=recipe.data.eval_split, transform=task.eval_transform(),
-                         batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
-                         rank=dist.rank(), world_size=dist.world_size(), remote=remote)
+             cast: Callable[[torch.Tensor], torch.Tensor], split: str | None = None) -> EvalResult:
+    """``task.evaluate`` over ``split`` (default ``recipe.data.eval_split``), sharded over the ranks (a collective)."""
+    loader = _kept_loader(task, recipe, remote, split or recipe.data.eval_split)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        return task.evaluate(forward, model, loader, cast)
+        result = task.evaluate(forward, model, loader, cast)
+    shortfall = check_complete(loader.dataset, result.metrics.get("num_samples"), split or recipe.data.eval_split)
+    if shortfall:  # recorded with the metrics (metrics.json; eval/missing_samples in the log), and warned about
+        result.metrics["incomplete"] = shortfall
+        result.metrics["missing_samples"] = shortfall["expected"] - shortfall["scored"]
+        if dist.is_main():
+            logger.warning("partial evaluation: %s", shortfall["message"])
+    return result
+
+
+class IncompleteEvaluationError(ShardSetError):
+    """An evaluation scored fewer samples than its split holds (a shard cut short, damaged or unreadable)."""
+
+
+def check_complete(stream: Any, scored: int | None, split: str) -> dict[str, Any] | None:
+    """None when every sample of the split was scored, else what is missing: the shards read short (summed over
+    the ranks, a collective) with their counts, and a message naming them."""
+    read = [sum(c) for c in zip(*dist.gather_objects(stream.tally.values()))]
+    expected = sum(stream.shard_sizes)
+    short = {url.rsplit("/", 1)[-1]: [got, want] for url, got, want in zip(stream.urls, read, stream.shard_sizes)
+             if got < want}
+    scored = sum(read) if scored is None else int(scored)
+    if scored >= expected and not short:
+        return None
+    causes = [f"{name} gave {got} of its {want} samples" for name, (got, want) in short.items()]
+    if sum(read) > scored:
+        causes.append(f"{sum(read) - scored} corrupt samples skipped")
+    message = (f"{split}: scored {scored} of its {expected} samples ({'; '.join(causes)}): the shards are "
+               "truncated, damaged or unreadable; check the set with scripts/make_shards.py --verify DATA_PATH")
+    return {"scored": scored, "expected": expected, "short_shards": short, "message": message}
+
+
+_kept: tuple | None = None  # (key, task, loader) of the last evaluation: its workers wait for the next one
+
+
+def _kept_loader(task: Task, recipe: Recipe, remote: RemoteOptions, split: str):
+    """The eval loader of ``task`` on ``split``, the same one as last time when nothing changed (its workers stay)."""
+    global _kept
+    key = (recipe.data.path, split, recipe.eval.batch_size, recipe.data.num_workers, dist.rank(), dist.world_size(),
+           remote)
+    if _kept is None or _kept[0] != key or _kept[1] is not task:
+        _kept = None  # the previous loader's workers end before new ones start
+        loader = eval_loader(recipe.data.path, split=split, transform=task.eval_transform(),
+                             batch_size=recipe.eval.batch_size, num_workers=recipe.data.num_workers,
+                             rank=dist.rank(), world_size=dist.world_size(), remote=remote, persistent=True)
+        _kept = (key, task, loader)
+    _kept[2].dataset.tally.reset()  # samples read per shard count from this pass on
+    return _kept[2]
 
 
 def save_evaluation(output: Path, step: int, record: dict[str, Any], result: EvalResult, log: Logger, *,
@@ -54,14 +104,46 @@ def save_evaluation(output: Path, step: int, record: dict[str, Any], result: Eva
     save_images(result.images, output / "plots", step)
 
 
-def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[str, Any]:
+def is_training_run(folder: Path) -> bool:
+    """A folder a training launch made (its files are training's alone)."""
+    return any((folder / name).exists() for name in ("checkpoints", "history.jsonl", "run.yaml"))
+
+
+def eval_folder(output: Path) -> Path:
+    """Where `livt eval --output OUTPUT` writes: OUTPUT itself, or for a training run ``OUTPUT/evals/<time>/``, so
+    that an evaluation never rewrites a run's config.yaml, metrics or logs (rank 0's choice, on every rank)."""
+    folder = output
+    if dist.is_main() and is_training_run(output):
+        folder = output / "evals" / time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while folder.exists():
+            folder, n = output / "evals" / f"{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    return Path(dist.broadcast_object(str(folder)))
+
+
+def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str | None = None) -> dict[str, Any]:
+    """`livt eval`: the model of ``model.init`` on ``split`` (default ``data.eval_split``; ``test`` reads the test
+    split) -> metrics.json in `eval_folder` (returned as ``metrics["output"]``). The test-prior adjustment follows the
+    model's own training record (model_record.py)."""
     if not recipe.model.init:
         raise ConfigError("livt eval needs model.init=RUN_OR_EXPORT (a BFT run folder, checkpoint or export .pt)")
     if not recipe.data.path:
         raise ConfigError("data.path is empty: point it at a shard set made by scripts/make_shards.py")
-    output = Path(output)
+    output = eval_folder(Path(output))
     remote = RemoteOptions.from_config(recipe.data)
-    task = FinetuneTask(recipe, load_meta(recipe.data.path, remote))
+    meta = load_meta(recipe.data.path, remote)
+    split = split or recipe.data.eval_split
+    if split not in meta.get("splits", {}):
+        declared = meta.get("test_split")
+        hint = f"; its test set is the split '{declared}' (meta.json test_split)" if declared else ""
+        raise ConfigError(f"--split {split}: the shard set {recipe.data.path} has no such split (its splits: "
+                          f"{sorted(meta.get('splits', {}))}){hint}")
+    record = model_record(resolve_model(recipe.model.init), fallback_meta=meta)
+    recipe, trained_with, class_counts, notes = follow_record(recipe, record, meta, recipe.model.init)
+    if dist.is_main():
+        for note in notes:
+            print(f"[livt] {note}", flush=True)
+    task = FinetuneTask(recipe, meta, class_counts=class_counts, trained_with=trained_with)
     model = task.build_model()
     missing = task.init_report["missing"]
     if missing:
@@ -75,8 +157,13 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
             return model(images)
 
-    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True))
+    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+    if "incomplete" in result.metrics:  # a score over part of the split is no score of the split
+        raise IncompleteEvaluationError(f"livt eval on {recipe.data.path}: {result.metrics['incomplete']['message']}")
+    result.metrics["split"] = split
     result.metrics["provenance"] = weights_provenance(recipe.model.init) if dist.is_main() else None
+    result.metrics["test_prior_loss"]["source"] = record.source if record else "--config"
+    result.metrics["notes"] = notes
     if dist.is_main():
         output.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output / "config.yaml")
@@ -85,4 +172,4 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path) -> dict[st
         save_evaluation(output, 0, result.metrics, result, log)
     finally:
         log.close()
-    return result.metrics
+    return {**result.metrics, "output": str(output)}

@@ -22,6 +22,7 @@ from torch import nn
 from livt_ds.config import Recipe, recipe_to_dict
 from livt_ds.data.transforms import default_crop_pct
 from livt_ds.models.registry import MLP_RATIO, get_size
+from livt_ds.train_state import follow_umask
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -88,6 +89,7 @@ def write_export(folder: Path, config: dict[str, Any], weights: dict[str, torch.
     """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns both paths."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    follow_umask(folder / WEIGHTS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return [folder / WEIGHTS_NAME, folder / CONFIG_NAME]
 

@@ -13,6 +13,7 @@ logits, after the test-prior adjustment when ``--test-prior`` is given (livt_ds/
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,15 +25,22 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from livt_ds.checkpoint import CheckpointError, latest_tag
+from livt_ds.checkpoint import CheckpointError
+from livt_ds.data.pipeline import worker_context
+from livt_ds.data.remote import is_url, local_path, open_url
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
-from livt_ds.hub import CONFIG_NAME, WEIGHTS_NAME, build_timm_model, hub_config, model_weights
-from livt_ds.priors import prior_adjustment, resolve_prior
-from livt_ds.weights import load_weights, run_export_config
+from livt_ds.hub import CONFIG_NAME, build_timm_model, hub_config, model_weights
+from livt_ds.model_record import resolve_model
+from livt_ds.priors import recipe_prior_adjustment, resolve_prior
+from livt_ds.weights import run_export_config, source_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
+
+
+class NothingPredictedError(ValueError):
+    """Every input was unreadable: the output holds error lines only."""
 
 
 @dataclass
@@ -50,36 +58,35 @@ class Predictor:
 
 # ------------------------------------------------------------------------------------------------ the model
 def load_config_and_weights(spec: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(hub config, timm state dict) of an export folder, a run folder, a .safetensors file (config.json beside
-    it) or a livt .pt export. Weights are never unpickled beyond plain data (livt_ds/safe_load.py)."""
-    path = Path(spec)
-    for folder in (path, path / "export"):
-        if folder.is_dir() and (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
-            return json.loads((folder / CONFIG_NAME).read_text()), load_weights(folder / WEIGHTS_NAME)
-    if path.is_dir() and (path / "checkpoints").is_dir():  # a run without export: consolidate its latest checkpoint
-        config = run_export_config(path, latest_tag(path / "checkpoints") or "")
-        return config, model_weights(load_weights(path), config["livt"]["stage"])
-    if path.is_file() and path.suffix == ".safetensors":
-        if not (path.parent / CONFIG_NAME).is_file():
+    """(hub config, timm state dict) of an export folder, a run folder (its export while it is of the latest
+    checkpoint, else that checkpoint), a .safetensors file (config.json beside it) or a livt .pt export. Weights are
+    never unpickled beyond plain data (livt_ds/safe_load.py)."""
+    source = resolve_model(spec)
+    if source.ckpt_dir is not None:  # a run without a current export: consolidate its latest checkpoint
+        if source.run_dir is None:
+            raise CheckpointError(f"--model {spec}: a checkpoint outside a run folder; give the run folder or an "
+                                  "export (`livt export RUN`)")
+        config = run_export_config(source.run_dir, source.tag)
+        return config, model_weights(source_weights(source), config["livt"]["stage"])
+    path = source.file
+    if path.suffix == ".safetensors":
+        if source.config is None:
             raise CheckpointError(f"--model {path}: no {CONFIG_NAME} beside it; export with `livt export RUN`")
-        return json.loads((path.parent / CONFIG_NAME).read_text()), load_weights(path)
-    if path.is_file():
-        from livt_ds.config import recipe_from_dict
-        from livt_ds.safe_load import load_torch_file
+        return json.loads(source.config.read_text()), source_weights(source)
+    from livt_ds.config import recipe_from_dict
+    from livt_ds.safe_load import load_torch_file
 
-        payload = load_torch_file(path)
-        if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
-            raise CheckpointError(f"--model {path}: not a livt export with class names; use the export folder "
-                                  "(config.json + model.safetensors) or re-export with `livt export RUN`")
-        recipe = recipe_from_dict(payload["recipe"])
-        mean, std = recipe.data.mean or payload.get("mean"), recipe.data.std or payload.get("std")
-        if mean is None or std is None:
-            raise CheckpointError(f"--model {path}: no normalisation recorded; use the export folder instead")
-        config = hub_config(recipe, payload.get("stage") or "finetune", payload["class_names"],
-                            payload["class_counts"], mean, std, tag=payload.get("tag"))
-        return config, model_weights(payload["model"], config["livt"]["stage"])
-    raise CheckpointError(f"--model {spec}: not found; give a run folder, an export folder (config.json + "
-                          f"{WEIGHTS_NAME}) or a weights file")
+    payload = load_torch_file(path)
+    if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
+        raise CheckpointError(f"--model {path}: not a livt export with class names; use the export folder "
+                              "(config.json + model.safetensors) or re-export with `livt export RUN`")
+    recipe = recipe_from_dict(payload["recipe"])
+    mean, std = recipe.data.mean or payload.get("mean"), recipe.data.std or payload.get("std")
+    if mean is None or std is None:
+        raise CheckpointError(f"--model {path}: no normalisation recorded; use the export folder instead")
+    config = hub_config(recipe, payload.get("stage") or "finetune", payload["class_names"],
+                        payload["class_counts"], mean, std, tag=payload.get("tag"))
+    return config, model_weights(payload["model"], config["livt"]["stage"])
 
 
 def load_predictor(spec: str | Path, test_prior: str | None = None, device: torch.device | None = None) -> Predictor:
@@ -98,9 +105,8 @@ def load_predictor(spec: str | Path, test_prior: str | None = None, device: torc
     if test_prior:
         livt = config["livt"]
         prior = resolve_prior(test_prior, livt["class_counts"], config["label_names"])
-        loss = livt["loss"]
-        adjustment = prior_adjustment(livt["class_counts"], loss["name"], prior, tau=loss["tau"],
-                                      loss_test_prior=loss.get("test_prior"))
+        adjustment = recipe_prior_adjustment(livt["class_counts"], {"loss": livt["loss"], **livt.get("recipe", {})},
+                                             prior)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Predictor(model.to(device).eval(), config, adjustment.to(device))
 
@@ -113,12 +119,24 @@ def predictor_transform(config: dict[str, Any]) -> Callable:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def collect_inputs(inputs: Sequence[str], split: str = "val") -> tuple[list[str], list[str]]:
-    """(image paths, .tar shard paths) from files, folders, text lists and shard sets; unknown paths stay in the
-    image list, so that they get an error line."""
+    """(image paths, .tar shard paths) from files, folders, text lists and shard sets, local or URLs (as
+    ``data.path`` takes them: a shard set, a ``.tar`` or an image); FileNotFoundError for a local input that does
+    not exist (an entry of a text list that does not exist gets an error line instead)."""
     files: list[str] = []
     tars: list[str] = []
     for item in inputs:
-        path = Path(item)
+        if is_url(item):
+            suffix = Path(item.rstrip("/")).suffix.lower()
+            if suffix == ".tar":
+                tars.append(item)
+            elif suffix in IMAGE_SUFFIXES:
+                files.append(item)
+            else:
+                tars += shard_paths(item, split)
+            continue
+        path = local_path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"--input {item}: no such file or folder")
         if path.is_dir() and (path / "meta.json").is_file():
             tars += shard_paths(path, split)
         elif path.is_dir():
@@ -156,6 +174,12 @@ def _prepare(name: str, load: Callable[[], Image.Image], transform: Callable) ->
 
 
 def _open_file(path: str) -> Image.Image:
+    if is_url(path):
+        with open_url(path) as f:
+            data = io.BytesIO(f.read())
+        with Image.open(data) as img:
+            img.load()
+            return img.convert("RGB")
     with Image.open(path) as img:
         img.load()
         return img.convert("RGB")
@@ -255,10 +279,10 @@ def run_predict(
     if top_k < 1 or batch_size < 1 or num_workers < 0:
         raise ValueError(f"--top-k {top_k}, --batch-size {batch_size}, --workers {num_workers}: need k >= 1, "
                          "batch >= 1, workers >= 0")
-    predictor = load_predictor(model, test_prior)
-    files, tars = collect_inputs(inputs, split)
+    files, tars = collect_inputs(inputs, split)  # before the model: a wrong input fails fast
     if not files and not tars:
         raise ValueError(f"--input {' '.join(inputs)}: no images found")
+    predictor = load_predictor(model, test_prior)
     transform = predictor_transform(predictor.config)
     datasets = [d for d in (ImageFiles(files, transform) if files else None,
                             ShardImages(tars, transform) if tars else None) if d is not None]
@@ -272,7 +296,8 @@ def run_predict(
         for dataset in datasets:
             workers = min(num_workers, len(tars)) if isinstance(dataset, ShardImages) else num_workers
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                pin_memory=torch.cuda.is_available())
+                                pin_memory=torch.cuda.is_available(),
+                                multiprocessing_context=worker_context() if workers > 0 else None)
             for names, images, errors in loader:
                 tops = iter(predict_batch(predictor, images, top_k)) if images is not None else iter(())
                 for name, error in zip(names, errors, strict=True):
@@ -282,13 +307,16 @@ def run_predict(
     finally:
         bar.close()
         writer.close()
+    if not counts["images"]:
+        raise NothingPredictedError(f"--input {' '.join(inputs)}: no image could be read ({counts['errors']} "
+                                    f"unreadable; each has its error in {output})")
     return {**counts, "output": str(output)}
 
 
 def _shard_size_hint(url: str) -> int:
     """Samples in a shard from its shard set's meta.json (0 when unknown: the bar then counts without a total)."""
     meta_path = Path(url).parent / "meta.json"
-    if not meta_path.is_file():
+    if is_url(url) or not meta_path.is_file():
         return 0
     meta = json.loads(meta_path.read_text())
     for info in meta.get("splits", {}).values():
@@ -303,5 +331,6 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-__all__ = ["Predictor", "load_predictor", "load_config_and_weights", "collect_inputs", "predict_batch", "run_predict",
+__all__ = ["NothingPredictedError",
+           "Predictor", "load_predictor", "load_config_and_weights", "collect_inputs", "predict_batch", "run_predict",
            "predictor_transform", "default_workers"]

@@ -28,6 +28,16 @@ For the unbalanced losses (``ce``, ``bce``) the model fits the training data wit
 ``tau = 1`` (Menon et al.'s logit adjustment for ``ce``). For a balanced loss and ``pi_t = pi_0`` (uniform by
 default) ``a = 0``: adjusting for the prior the model was built for changes nothing.
 
+The other softmax losses add no bias, so ``a_c = log pi_t(c) - log pi_0(c)`` (``tau = 1``) with ``pi_0`` the prior
+their minimiser's softmax is the posterior for:
+
+- ``focal``: ``pi_0 = pi``, as for ``ce``. An approximation: the focal loss is not a proper scoring rule, its
+  softmax is a flattened posterior, so the adjustment moves the decision less exactly than for ``ce``.
+- ``cb_ce``, ``cb_focal``: a class-weighted CE is minimised by ``softmax(z)_c ~ w_c p(c | x)``, the posterior for
+  ``pi_0(c) ~ w_c pi(c)`` (``w`` the class-balanced weights of ``loss.beta``; close to uniform for beta near 1).
+- ``ldam``: the margins shape the boundary but are not a prior and are not undone; ``pi_0(c) ~ w_c pi(c)`` when
+  deferred re-weighting ran (``loss.drw_epoch`` before the last epoch, the default), else ``pi_0 = pi``.
+
 The expected top-1 accuracy on a test set drawn from ``pi_t`` follows exactly from per-class accuracy measured
 on a balanced split: ``E[top-1] = sum_c pi_t(c) * acc_c`` (no resampling noise). Classes without test samples
 are left out and the remaining weights renormalised.
@@ -44,13 +54,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from livt_ds.losses import LOSS_NAMES, logit_bias
+from livt_ds.losses import LOSS_NAMES, class_balanced_weights, default_drw_epoch, logit_bias
 
 __all__ = ["STANDARD_IMBALANCES", "standard_prior_names", "profile_prior", "load_prior_file", "resolve_prior",
-           "prior_adjustment", "expected_accuracy", "class_rank"]
+           "prior_adjustment", "recipe_prior_adjustment", "expected_accuracy", "class_rank"]
 
 STANDARD_IMBALANCES = (2, 5, 10, 25, 50)
 _PROFILE_RE = re.compile(r"^(forward|backward)-(\d+(?:\.\d+)?)$")
+_WEIGHTED_LOSSES = ("cb_ce", "cb_focal", "ldam")  # softmax losses whose class weights set the prior they fit
 _FLOOR = 1e-12  # a zero-weight class gets this prior in the adjustment (log 0 is -inf): effectively never predicted
 
 
@@ -132,23 +143,42 @@ def prior_adjustment(
     test_prior: Tensor | Sequence[float],
     tau: float = 1.0,
     loss_test_prior: Sequence[float] | None = None,
+    *,
+    beta: float = 0.9999,
+    reweighted: bool = True,
 ) -> Tensor:
     """Additive logit adjustment ``a = B(pi, pi_0) - B(pi, pi_t)`` ``[C]`` (fp32) for test prior ``pi_t``.
 
-    ``loss_name``/``tau``/``loss_test_prior`` describe how the model was trained (recipe ``loss.*``); ``pi_0`` is
-    ``loss_test_prior`` (uniform when None) for the balanced losses and the training prior for ``ce``/``bce``.
+    ``loss_name``/``tau``/``loss_test_prior``/``beta`` describe how the model was trained (recipe ``loss.*``;
+    ``reweighted``: LDAM's deferred re-weighting ran); ``pi_0`` is ``loss_test_prior`` (uniform when None) for the
+    balanced losses, the training prior for ``ce``/``bce``/``focal``, the class-balanced one for ``cb_*``/``ldam``.
     Predict with ``argmax(z + a)``. See the module docstring for the derivation.
     """
     if loss_name not in LOSS_NAMES:
         raise ValueError(f"loss {loss_name!r} is unknown; valid: {', '.join(LOSS_NAMES)}")
-    kind = loss_name.removeprefix("bal_")
     pi_t = torch.as_tensor(test_prior, dtype=torch.float64).clamp_min(_FLOOR)
     pi_t = pi_t / pi_t.sum()
+    if loss_name in _WEIGHTED_LOSSES:
+        pi = torch.as_tensor(class_counts, dtype=torch.float64)
+        pi_0 = pi * class_balanced_weights(class_counts, beta).double() if reweighted or loss_name != "ldam" else pi
+        return (torch.log(pi_t) - torch.log(pi_0 / pi_0.sum())).float()
+    kind = "ce" if loss_name == "focal" else loss_name.removeprefix("bal_")
     if loss_name.startswith("bal_"):
         trained_for = logit_bias(class_counts, kind, tau=tau, test_prior=loss_test_prior).double()
     else:  # the plain loss fits the training prior: B(pi, pi) = 0, tau = 1
         trained_for, tau = torch.zeros(len(class_counts), dtype=torch.float64), 1.0
     return (trained_for - logit_bias(class_counts, kind, tau=tau, test_prior=pi_t).double()).float()
+
+
+def recipe_prior_adjustment(class_counts: Sequence[int], recipe: dict, test_prior: Tensor | Sequence[float]) -> Tensor:
+    """``prior_adjustment`` for a model trained with ``recipe`` (a recipe dict: a run's config.yaml, an export's
+    ``livt.recipe``): its loss keys, and whether LDAM's deferred re-weighting ran (``loss.drw_epoch`` < epochs)."""
+    loss, epochs = recipe.get("loss", {}), int(recipe.get("train", {}).get("epochs", 1))
+    drw_epoch = loss.get("drw_epoch")
+    drw_epoch = default_drw_epoch(epochs) if drw_epoch is None else int(drw_epoch)
+    return prior_adjustment(class_counts, loss["name"], test_prior, tau=loss.get("tau", 1.0),
+                            loss_test_prior=loss.get("test_prior"), beta=loss.get("beta", 0.9999),
+                            reweighted=drw_epoch < epochs)
 
 
 def expected_accuracy(per_class: Sequence[float | None], prior: Tensor | Sequence[float]) -> float | None:

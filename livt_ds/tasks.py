@@ -14,17 +14,17 @@ from torch import nn
 
 from livt_ds import dist
 from livt_ds.checkpoint import CheckpointError
-from livt_ds.config import Recipe
+from livt_ds.config import Recipe, check_loss_targets, recipe_to_dict
 from livt_ds.console import held_output
 from livt_ds.data import transforms
-from livt_ds.data.pipeline import settle_feeder_threads
 from livt_ds.data.shards import train_class_counts
-from livt_ds.data.transforms import normalisation
-from livt_ds.losses import build_loss
+from livt_ds.data.transforms import normalisation, to_model_input
+from livt_ds.losses import build_loss, default_drw_epoch
 from livt_ds.metrics import EvalAccumulator, per_class_accuracy, prediction_report
 from livt_ds.models.registry import build_classifier, build_mae
 from livt_ds.models.vit import load_encoder_weights
-from livt_ds.priors import expected_accuracy, prior_adjustment, resolve_prior, standard_prior_names
+from livt_ds.priors import expected_accuracy, recipe_prior_adjustment, resolve_prior, standard_prior_names
+from livt_ds.test_split import resolve_test_split
 from livt_ds.weights import load_weights
 
 Forward = Callable[[torch.Tensor], Any]
@@ -46,15 +46,19 @@ class Task(Protocol):
 
     def build_model(self) -> nn.Module: ...
 
-    def train_transform(self) -> Callable: ...  # PIL image -> [3, H, W] float tensor, augmented
+    def train_transform(self) -> Callable: ...  # PIL image (or ``.decode``'s output) -> [3, H, W] tensor, augmented
 
     def eval_transform(self) -> Callable: ...
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """On the device, before the forward: (images, targets), e.g. mixup's soft targets."""
+        """On the device, before the forward: (normalised float images, targets), e.g. mixup's soft targets."""
         ...
 
     def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based epoch of the coming steps (a loss whose form changes with it, LDAM-DRW, is told)."""
+        ...
 
     def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:
         """Metrics over the eval loader (every rank calls it; results are gathered)."""
@@ -64,7 +68,6 @@ class Task(Protocol):
 def padded_eval_batches(loader: Iterable, img_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, bool]]:
     """Yield (images, labels, real) until every rank has run out; a rank that has run out gets a dummy batch
     (``real`` False) so that all ranks make the same number of forward calls (ZeRO-3 gathers weights in forward)."""
-    settle_feeder_threads()
     iterator = iter(loader)
     dummy = (torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long))
     while True:
@@ -93,17 +96,21 @@ class PretrainTask:
         return model
 
     def train_transform(self):
-        return transforms.mgp_transform(self.recipe.model.img_size, self.mean, self.std)
+        """uint8 crops (decoded at reduced size where the crop allows); `prepare_batch` normalises on the device."""
+        return transforms.MgpCrop(self.recipe.model.img_size)
 
     def eval_transform(self):
         return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return images, labels
+        return to_model_input(images, self.mean, self.std), labels
 
     def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss, _, _ = forward(images)
         return loss
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the MAE loss does not change over the epochs
 
     @torch.no_grad()
     def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:
@@ -144,20 +151,27 @@ class FinetuneTask:
     stage = "finetune"
     best_metric = ("top1", "max")
 
-    def __init__(self, recipe: Recipe, meta: dict) -> None:
+    def __init__(self, recipe: Recipe, meta: dict, class_counts: list[int] | None = None,
+                 trained_with: dict | None = None) -> None:
+        """``class_counts`` / ``trained_with``: the training prior and the recipe dict the test-prior adjustment
+        follows, when they are not ``meta``'s and ``recipe``'s (`livt eval` passes the model's own)."""
         self.recipe = recipe
         self.meta = meta
         self.mean, self.std = normalisation(recipe, meta)
-        self.class_counts = train_class_counts(meta, recipe.data.train_split)
+        self.class_counts = class_counts or train_class_counts(meta, recipe.data.train_split)
         self.num_classes = int(meta["num_classes"])
         a, lo = recipe.augment, recipe.loss
         self.mixup = transforms.build_mixup(self.num_classes, a.mixup, a.cutmix, a.label_smoothing)
-        self.criterion = build_loss(lo.name, self.class_counts, tau=lo.tau, test_prior=lo.test_prior)
+        check_loss_targets(recipe)
+        self.test_split = resolve_test_split(recipe, meta)  # read once, at the end of a run (test_split.py)
+        drw_epoch = default_drw_epoch(recipe.train.epochs) if lo.drw_epoch is None else lo.drw_epoch
+        self.criterion = build_loss(lo.name, self.class_counts, tau=lo.tau, test_prior=lo.test_prior, gamma=lo.gamma,
+                                    beta=lo.beta, max_margin=lo.max_margin, scale=lo.scale, drw_epoch=drw_epoch)
         names = [*standard_prior_names(), *(p for p in recipe.eval.test_priors if p not in standard_prior_names())]
         self.test_priors = {name: resolve_prior(name, self.class_counts, meta.get("classes")) for name in names}
-        self.prior_adjustments = torch.stack([
-            prior_adjustment(self.class_counts, lo.name, prior, tau=lo.tau, loss_test_prior=lo.test_prior)
-            for prior in self.test_priors.values()])
+        trained_with = trained_with or recipe_to_dict(recipe)
+        self.prior_adjustments = torch.stack([recipe_prior_adjustment(self.class_counts, trained_with, prior)
+                                              for prior in self.test_priors.values()])
 
     def build_model(self) -> nn.Module:
         m = self.recipe.model
@@ -188,6 +202,7 @@ class FinetuneTask:
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup / cutmix / label smoothing into soft targets [B, C] (int labels [B] when all are off)."""
+        images = to_model_input(images, self.mean, self.std)
         if self.mixup is None:
             return images, labels
         return self.mixup(images, labels)
@@ -195,6 +210,16 @@ class FinetuneTask:
     def loss(self, forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = forward(images)
         return self.criterion.to(logits.device)(logits, targets.to(logits.device))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to a loss that changes with the epoch (LDAM-DRW), which says when it starts re-weighting."""
+        if not hasattr(self.criterion, "set_epoch"):
+            return
+        before = self.criterion.reweighting
+        self.criterion.set_epoch(epoch)
+        if self.criterion.reweighting and not before and dist.is_main():
+            print(f"[livt] epoch {epoch}: LDAM-DRW re-weights with the class-balanced weights from here on "
+                  f"(loss.drw_epoch {self.criterion.drw_epoch})", flush=True)
 
     @torch.no_grad()
     def evaluate(self, forward: Forward, model: nn.Module, loader: Iterable, cast: Callable) -> EvalResult:

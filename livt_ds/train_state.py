@@ -40,6 +40,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process's umask: the mode an ordinary new file gets (read without changing the umask,
+    which is process-wide, where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return base & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` the mode of an ordinary new file: writers that go through a private temporary file (safetensors
+    does) leave it 0600, unreadable to the group the user's umask shares files with."""
+    os.chmod(path, umask_mode())
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2))
 
@@ -127,12 +147,13 @@ class TrainState:
     last_saved: int | None = None
     stream: dict[str, int] = field(default_factory=dict)  # StreamPosition of ``step`` without the rank
     skipped: dict[str, int] = field(default_factory=dict)  # {"samples", "shards"} skipped by all ranks up to ``step``
+    data_sha256: str | None = None  # the shard set's meta.json digest: a resume may read another copy of the set
     version: int = STATE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "stage": self.stage, "step": self.step,
                 "best": dataclasses.asdict(self.best) if self.best else None, "last_saved": self.last_saved,
-                "stream": dict(self.stream), "skipped": dict(self.skipped)}
+                "stream": dict(self.stream), "skipped": dict(self.skipped), "data_sha256": self.data_sha256}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> TrainState:
@@ -148,7 +169,8 @@ class TrainState:
         try:
             return cls(stage=data["stage"], step=int(data["step"]), best=Best(**best) if best else None,
                        last_saved=data.get("last_saved"), stream=dict(data.get("stream") or {}),
-                       skipped=dict(data.get("skipped") or {}), version=STATE_VERSION)
+                       skipped=dict(data.get("skipped") or {}), data_sha256=data.get("data_sha256"),
+                       version=STATE_VERSION)
         except (KeyError, TypeError) as exc:
             raise StateError(f"{where}: unreadable training state {data!r}: {exc}") from None
 

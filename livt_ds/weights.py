@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from livt_ds import dist
 from livt_ds.checkpoint import (
     CheckpointError,
     checkpoint_dir,
-    find_checkpoint,
     latest_tag,
     model_states,
     saved_param_shapes,
     saved_recipe,
     to_universal,
 )
+from livt_ds.model_record import ModelSource, resolve_model
 
 
 def written_by_bf16_optimizer(tag_dir: Path) -> bool:
@@ -32,17 +33,21 @@ def written_by_bf16_optimizer(tag_dir: Path) -> bool:
     optimizer state has no ``zero_stage``, so DeepSpeed's zero_to_fp32 cannot read it."""
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
 
+    from livt_ds.safe_load import load_torch_file
+
     files = sorted(glob.glob(str(tag_dir / "*_optim_states.pt")))
     if not files:
         raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards (*_optim_states.pt); "
                               "not a livt/DeepSpeed checkpoint")
-    optim = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+    optim = load_torch_file(files[0], mmap=True)[OPTIMIZER_STATE_DICT]
     return ZERO_STAGE not in optim
 
 
 def universal_state_dict(uni_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 parameters from a universal checkpoint folder (``zero/<name>/fp32.pt``, flat or shaped, bare or as
     ``{"param": tensor}``) reshaped to the recorded shapes, plus the buffers of its model states file."""
+    from livt_ds.safe_load import load_torch_file
+
     states = model_states(uni_dir)
     out: dict[str, torch.Tensor] = {}
     for name, shape in saved_param_shapes(states).items():
@@ -50,7 +55,7 @@ def universal_state_dict(uni_dir: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise CheckpointError(f"{uni_dir}: {path.relative_to(uni_dir)} missing; the universal conversion is "
                                   f"incomplete (delete {uni_dir} to redo it)")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = load_torch_file(path)
         tensor = saved["param"] if isinstance(saved, dict) else saved
         out[name] = tensor.float().reshape(shape)
     module = states.get("module") or {}
@@ -85,33 +90,29 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-WEIGHT_FILES = ("model.safetensors", "model.pt")  # in a folder, the first found wins
-
-
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from an export file (.safetensors, or .pt read with ``weights_only=True``), an export folder, a run
-    folder (its export, else its latest checkpoint), a checkpoint folder with ``latest``, or a tag folder.
-    Nothing is unpickled beyond tensors, plain data and the allow-list of ``livt_ds.safe_load``."""
+    folder (its export while it is of the latest checkpoint, else that checkpoint), a checkpoint folder with
+    ``latest``, or a tag folder. Nothing is unpickled beyond tensors, plain data and the allow-list of
+    ``livt_ds.safe_load``."""
+    return source_weights(resolve_model(path))
+
+
+def source_weights(source: ModelSource) -> dict[str, torch.Tensor]:
+    """The weights of a resolved source (its note, if any, printed once by rank 0)."""
     from livt_ds.safe_load import load_torch_file, weights_only_loading
 
-    path = Path(path)
-    if path.is_file():
-        if path.suffix == ".safetensors":
+    if source.note and dist.is_main():
+        print(f"[livt] {source.note}", flush=True)
+    if source.file is not None:
+        if source.file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        obj = load_torch_file(path)
+            return load_file(str(source.file))
+        obj = load_torch_file(source.file)
         return obj.get("model", obj) if isinstance(obj, dict) else obj
-    for folder in (path / "export", path):
-        for name in WEIGHT_FILES:
-            if (folder / name).is_file():
-                return load_weights(folder / name)
-    found = find_checkpoint(path) if path.is_dir() else None
-    if found is None:
-        raise CheckpointError(f"model.init={path}: not found (expected an export (model.safetensors or .pt), a run "
-                              "folder, or a checkpoint)")
-    with weights_only_loading(found[0] / found[1]):
-        return consolidate(*found)
+    with weights_only_loading(source.ckpt_dir / source.tag):
+        return consolidate(source.ckpt_dir, source.tag)
 
 
 def weights_provenance(path: str | Path) -> dict[str, Any]:
@@ -119,74 +120,97 @@ def weights_provenance(path: str | Path) -> dict[str, Any]:
     tag and the sha256 of the recipe they were trained with, so a metrics.json can be traced to its weights."""
     from livt_ds.provenance import model_provenance
 
-    path = Path(path)
-    folders = [path.parent] if path.is_file() else [path / "export", path]
-    for folder in folders:
-        config = folder / "config.json"
-        if config.is_file() and any((folder / name).is_file() for name in WEIGHT_FILES):
-            livt = json.loads(config.read_text()).get("livt", {})
-            info = livt.get("provenance") or model_provenance(None, livt.get("tag"), livt.get("recipe"))
-            return {**info, "weights": str(path.resolve())}
-    if path.is_file():
-        return {**model_provenance(None, None, None), "weights": str(path.resolve())}
-    found = find_checkpoint(path)
-    if found is None:
-        raise CheckpointError(f"{path}: not a run folder, checkpoint or export")
-    ckpt_dir, tag = found
-    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else None
-    return {**model_provenance(run_dir, tag, saved_recipe(ckpt_dir / tag)), "weights": str(path.resolve())}
+    source = resolve_model(path)
+    resolved = str(Path(path).resolve())
+    if source.config is not None:
+        livt = json.loads(source.config.read_text()).get("livt", {})
+        info = livt.get("provenance") or model_provenance(None, livt.get("tag"), livt.get("recipe"))
+        return {**info, "weights": resolved}
+    if source.file is not None:
+        return {**model_provenance(None, None, None), "weights": resolved}
+    return {**model_provenance(source.run_dir, source.tag, saved_recipe(source.ckpt_dir / source.tag)),
+            "weights": resolved}
 
 
 def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
-    """timm hub config.json of a run: model from its recipe, class names and counts from its shard set."""
+    """timm hub config.json of a run's checkpoint ``tag``: model, loss and normalisation from the recipe that
+    checkpoint was trained with (its own record, not the run's config.yaml, which a later launch may have
+    rewritten), class names and counts from that recipe's shard set."""
     from livt_ds.config import recipe_from_dict
-    from livt_ds.data.shards import load_meta, train_class_counts
+    from livt_ds.data.shards import train_class_counts
     from livt_ds.data.transforms import normalisation
     from livt_ds.hub import hub_config
+    from livt_ds.model_record import checkpoint_recipe, checkpoint_stage, recipe_meta
 
-    run_info = yaml.safe_load((run_dir / "run.yaml").read_text()) if (run_dir / "run.yaml").is_file() else {}
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: no config.yaml; not a livt run folder")
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    ckpt_dir = checkpoint_dir(run_dir)
+    trained_with = checkpoint_recipe(ckpt_dir, tag)
+    recipe = recipe_from_dict(trained_with)
     try:
-        meta = load_meta(recipe.data.path)
+        meta = recipe_meta(trained_with)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{run_dir}: the run's shard set is needed once, to record the class names and "
                               f"counts in the export: {exc}") from None
-    stage = run_info.get("stage") or "finetune"
     mean, std = normalisation(recipe, meta)
-    return hub_config(recipe, stage, meta["classes"], train_class_counts(meta, recipe.data.train_split), mean, std,
-                      tag=tag)
+    config = hub_config(recipe, checkpoint_stage(ckpt_dir, tag, trained_with), meta["classes"],
+                        train_class_counts(meta, recipe.data.train_split), mean, std, tag=tag)
+    config["livt"]["recipe"] = trained_with  # as saved: its sha256 is the one the run's history records
+    return config
+
+
+EXPORT_FILES = {"model.safetensors", "config.json", "model.pt", "encoder.pt"}
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
     """Write ``model.safetensors`` + ``config.json`` (timm's hub layout: the classifier, or the encoder of an MGP
-    run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights."""
+    run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights.
+
+    Everything the export says (recipe, loss, classes, provenance) comes from the checkpoint it is made of. The
+    files are written into a fresh folder that then replaces ``output`` whole, so an export never mixes the files
+    of two checkpoints."""
     from livt_ds.hub import model_weights, write_export
     from livt_ds.provenance import model_provenance
     from livt_ds.safe_load import weights_only_loading
 
     run_dir = Path(run_dir)
     output = Path(output) if output else run_dir / "export"
+    other = sorted(p.name for p in output.iterdir() if p.name not in EXPORT_FILES) if output.is_dir() else []
+    if other:
+        raise CheckpointError(f"--output {output} holds files that are not an export's ({other[:4]}); an export "
+                              "replaces its folder whole: choose a new or an export folder")
     ckpt_dir = checkpoint_dir(run_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest'); has the run saved one?")
     config = run_export_config(run_dir, tag)
-    trained_with = saved_recipe(ckpt_dir / tag) or config["livt"]["recipe"]
-    config["livt"]["provenance"] = model_provenance(run_dir, tag, trained_with)
+    config["livt"]["provenance"] = model_provenance(run_dir, tag, config["livt"]["recipe"])
     with weights_only_loading(ckpt_dir / tag):
         state = consolidate(ckpt_dir, tag)
     stage = config["livt"]["stage"]
-    written = write_export(output, config, model_weights(state, stage))
+    fresh = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(fresh, ignore_errors=True)
+    written = write_export(fresh, config, model_weights(state, stage))
     payload = {"recipe": config["livt"]["recipe"], "stage": stage, "tag": tag,
                "num_classes": len(config["livt"]["class_counts"]), "class_names": config.get("label_names"),
                "class_counts": config["livt"]["class_counts"], "mean": config["pretrained_cfg"]["mean"],
                "std": config["pretrained_cfg"]["std"], "provenance": config["livt"]["provenance"]}
-    torch.save({**payload, "model": state}, output / "model.pt")
-    written.append(output / "model.pt")
+    torch.save({**payload, "model": state}, fresh / "model.pt")
+    written.append(fresh / "model.pt")
     if stage == "pretrain":
         encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        torch.save({**payload, "model": encoder}, output / "encoder.pt")
-        written.append(output / "encoder.pt")
-    return written
+        torch.save({**payload, "model": encoder}, fresh / "encoder.pt")
+        written.append(fresh / "encoder.pt")
+    _replace_folder(fresh, output)
+    return [output / path.name for path in written]
+
+
+def _replace_folder(fresh: Path, target: Path) -> None:
+    """Put ``fresh`` where ``target`` is (an export folder, or absent)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        fresh.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fresh.rename(target)

@@ -2,11 +2,13 @@
 # `make compare`: the losses side by side on the demo set, from ONE MGP run and the same BFT budget, over seeds.
 #   MGP:  runs/demo/mgp (reused when it finished; else made by `DEMO_STOP_AFTER=mgp scripts/demo.sh`)
 #   BFT:  configs/demo_bft.yaml with loss.name = ce, bal_ce, bce, bal_bce (same tau for bal_ce and bal_bce),
-#         plus bal_bce without MGP (model.init empty), each with train.seed = 0 .. COMPARE_SEEDS-1
+#         plus bal_bce without MGP (model.init empty), and the baselines focal, cb_ce, cb_focal, ldam (LDAM-DRW,
+#         trained on hard labels: augment.label_smoothing=0), each with train.seed = 0 .. COMPARE_SEEDS-1
 #                                                                         -> runs/compare/<name>/seed<k>
 #   then  python -m livt_ds.compare ... --output docs/   -> docs/loss_comparison.md (mean +- std over the seeds),
 #         per_class_accuracy.png (mean over seeds), reliability.png
-# COMPARE_SEEDS=3 by default (about 5 x 3 BFT runs of ~4 minutes on 2 CPU cores); COMPARE_SEEDS=1 for a quick look.
+# COMPARE_SEEDS=3 by default (9 x 3 BFT runs of 400-1400 s each on 2 shared CPU cores); COMPARE_SEEDS=1 for a quick
+# look. COMPARE_DRY_RUN=1 prints the BFT commands (one per loss and seed) and exits without running anything.
 # Runs go seed by seed (all losses with seed 0, then seed 1, ...). COMPARE_LOSSES="ce bal_bce" runs a subset.
 # Finished runs are reused (their checkpoints are resumed, which ends at once); COMPARE_FRESH=1 retrains them.
 # COMPARE_DOCS=DIR writes the report elsewhere; COMPARE_OVERRIDES="train.epochs=10" applies to every BFT run.
@@ -29,8 +31,8 @@ for tool in python deepspeed; do
 done
 
 [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || die "COMPARE_SEEDS=$SEEDS: give a positive number of seeds (1 for a quick look)"
-ALL_NAMES=(ce bal_ce bce bal_bce bal_bce_no_mgp)
-ALL_LABELS=("CE" "Bal-CE" "BCE" "Bal-BCE" "Bal-BCE, no MGP")
+ALL_NAMES=(ce bal_ce bce bal_bce bal_bce_no_mgp focal cb_ce cb_focal ldam)
+ALL_LABELS=("CE" "Bal-CE" "BCE" "Bal-BCE" "Bal-BCE, no MGP" "Focal" "CB-CE" "CB-focal" "LDAM-DRW")
 read -r -a WANTED <<< "${COMPARE_LOSSES:-${ALL_NAMES[*]}}"
 for want in "${WANTED[@]}"; do
     [[ " ${ALL_NAMES[*]} " == *" $want "* ]] || die "COMPARE_LOSSES: unknown '$want'; choose from: ${ALL_NAMES[*]}"
@@ -60,6 +62,25 @@ same = all(done.get(k) == want[k] for k in want if k not in ("log", "eval", "che
 sys.exit(0 if same else 1)
 EOF
 }
+
+bft_overrides() {  # bft_overrides NAME SEED: the recipe overrides of one BFT run (into the array OVERRIDES)
+    local name=$1 seed=$2 loss=${1%_no_mgp} init=$MGP
+    [[ "$name" == *_no_mgp ]] && init=""
+    OVERRIDES=(data.path="$SHARDS" model.init="$init" loss.name="$loss" train.seed="$seed" "${BFT_MICRO[@]}")
+    # LDAM's margin belongs to one true class: no soft targets (the demo recipe has no mixup / cutmix already)
+    [[ "$loss" == ldam ]] && OVERRIDES+=(augment.label_smoothing=0)
+    OVERRIDES+=("${EXTRA[@]}")
+}
+
+if [[ "${COMPARE_DRY_RUN:-0}" == 1 ]]; then
+    for (( seed = 0; seed < SEEDS; seed++ )); do
+        for name in "${NAMES[@]}"; do
+            bft_overrides "$name" "$seed"
+            echo "livt finetune --config $BFT_CONFIG --ds-config $DS_CONFIG --output $OUT/$name/seed$seed ${OVERRIDES[*]}"
+        done
+    done
+    exit 0
+fi
 
 START=$(date +%s)
 
@@ -92,8 +113,8 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
         init=$MGP
         [[ "$name" == *_no_mgp ]] && init=""
         run=$OUT/$name/seed$seed
-        overrides=(data.path="$SHARDS" model.init="$init" loss.name="$loss" train.seed="$seed" "${BFT_MICRO[@]}"
-                   "${EXTRA[@]}")
+        bft_overrides "$name" "$seed"
+        overrides=("${OVERRIDES[@]}")
         T=$(date +%s)
         say "$n/$TOTAL BFT ${LABELS[$i]}, seed $seed: loss.name=$loss model.init=${init:-'' (random init)} -> $run"
         if [[ "${COMPARE_FRESH:-0}" != 1 ]] && finished "$run"; then

@@ -6,24 +6,32 @@ usage() {
     cat <<'EOF'
 usage: scripts/gpu_check.sh [--out DIR] [--phases LIST] [--dry-run] [-h|--help]
 
-Runs on a CUDA machine, from the repository root, and writes DIR/gpu_check.json plus one log per phase:
-  e2e     the bf16 matrix of tests/test_bf16_configs.py on CUDA/nccl: MGP -> export -> BFT -> eval -> export and
-          stop + --resume auto for zero1/zero2/zero3/zero2_offload bf16 (world-size change only with >= 2 GPUs)
-  bench   scripts/bench_train.py, ViT-L/16 and ViT-B/16 at 224, MGP and BFT, the trainer's DeepSpeed engine
-          against a plain eager PyTorch loop in the same process (ViT-L also through the real shard stream)
-  memory  peak GPU memory of the MGP model per ZeRO config (1, 2, 3, 2offload), ViT-L and ViT-H
+Runs on a CUDA machine, from the repository root, and writes DIR/gpu_check.json plus one log per phase.
+The phases, in the order they run (the figures first, so a short loan still yields them):
+  bench_vit_large    scripts/bench_train.py, ViT-L/16 224, MGP and BFT, synthetic input: the trainer's DeepSpeed
+                     engine (its JSON's AdamW and torch's fused AdamW) against two eager loops in the same process
+                     (autocast + fused AdamW; bf16 weights + foreach AdamW, the engine's arithmetic)
+  bench_vit_base     the same for ViT-B/16, engine and like-for-like eager loop, synthetic and the real shard stream
+  e2e_zero1, e2e_zero2, e2e_zero3, e2e_zero2_offload
+                     tests/test_bf16_configs.py for one config each on CUDA/nccl (MGP -> export -> BFT -> eval ->
+                     export, stop + --resume auto; the world-size change needs >= 2 GPUs); e2e_zero2_offload also
+                     runs the gradient accumulation probe of every config on the GPU
+  memory_vit_large   peak GPU memory of the ViT-L MGP model per ZeRO config (1, 2, 3, 2offload)
+  memory_vit_huge    the same for ViT-H (not in the default run)
 Options:
   --out DIR      where results go [gpu_check_out]
-  --phases LIST  comma list of e2e,bench,memory [all three]
-  --dry-run      print the commands instead of running them (works without a GPU)
+  --phases LIST  comma list of phase names or groups (bench, e2e, memory) [bench,e2e,memory]
+  --dry-run      print the phases, their limits and commands; runs and writes nothing (works without a GPU)
+Each phase has a time limit (seconds, printed by --dry-run; override with <PHASE>_S, e.g. E2E_ZERO3_S=90). At its
+limit a phase gets SIGINT (pytest then still writes its JUnit file), then SIGKILL 15 s later; the benchmarks
+rewrite their JSON after every finished entry, so a phase cut short keeps what finished and is reported partial.
 Packages: torch, timm, tensorboard, pyyaml and numpy must be installed. If deepspeed or webdataset is not,
 wheels in .whl/ (if present) are installed into a temporary folder with pip --no-index; nothing is downloaded.
-Each phase has a time limit (seconds; override with E2E_S, BENCH_L_S, BENCH_B_S, MEM_L_S, MEM_H_S).
 EOF
 }
 
 OUT=gpu_check_out
-PHASES=e2e,bench,memory
+PHASES=bench,e2e,memory
 DRY=0
 while (( $# )); do
     case "$1" in
@@ -34,68 +42,93 @@ while (( $# )); do
         *) echo "gpu_check: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
 done
-for phase in ${PHASES//,/ }; do
-    case "$phase" in e2e|bench|memory) ;; *) echo "gpu_check: unknown phase '$phase' (e2e, bench, memory)" >&2; exit 2 ;; esac
+
+ALL=(bench_vit_large bench_vit_base e2e_zero1 e2e_zero2 e2e_zero3 e2e_zero2_offload memory_vit_large memory_vit_huge)
+# Seconds per phase, 460 in all (8 minutes with the installs): the e2e phases must finish their config's chain of
+# launches to report anything, the benchmarks and the memory sweep keep every entry that finished.
+declare -A LIMIT=([bench_vit_large]=90 [bench_vit_base]=50 [e2e_zero1]=70 [e2e_zero2]=65 [e2e_zero3]=70
+                  [e2e_zero2_offload]=85 [memory_vit_large]=30 [memory_vit_huge]=45)
+declare -A GROUP=([bench]="bench_vit_large bench_vit_base" [e2e]="e2e_zero1 e2e_zero2 e2e_zero3 e2e_zero2_offload"
+                  [memory]="memory_vit_large")
+declare -A WANTED=()
+for item in ${PHASES//,/ }; do
+    if [[ -n "${GROUP[$item]:-}" ]]; then
+        for phase in ${GROUP[$item]}; do WANTED[$phase]=1; done
+    elif [[ -n "${LIMIT[$item]:-}" ]]; then
+        WANTED[$item]=1
+    else
+        echo "gpu_check: unknown phase '$item' (groups: bench, e2e, memory; phases: ${ALL[*]})" >&2
+        exit 2
+    fi
 done
+
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-mkdir -p "$OUT"
-: > "$OUT/phases.tsv"
 
-run_phase() {  # run_phase NAME SECONDS LOG COMMAND...: one phase under a time limit, its status in phases.tsv
-    local name=$1 limit=$2 log=$3; shift 3
-    if (( DRY )); then
-        echo "[$name, limit ${limit}s] $*"
-        return
-    fi
-    echo "[gpu_check] $name (limit ${limit}s): $*" >&2
-    local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$log" 2>&1
-    local rc=$?
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - start ))" "$log" >> "$OUT/phases.tsv"
-    echo "[gpu_check] $name: exit $rc after $(( SECONDS - start ))s (log: $OUT/$log)" >&2
+limit_of() {  # limit_of PHASE: its seconds, from <PHASE>_S when set
+    local var
+    var=$(echo "$1" | tr '[:lower:]' '[:upper:]')_S
+    echo "${!var:-${LIMIT[$1]}}"
 }
 
-if (( ! DRY )); then
-    if ! "$PY" -c "import deepspeed, webdataset" 2>/dev/null; then
-        if compgen -G ".whl/*.whl" > /dev/null; then
-            site=$(mktemp -d /tmp/livt-site.XXXXXX)
-            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 3
-            export PYTHONPATH="$PYTHONPATH:$site"
-        else
-            echo "gpu_check: deepspeed/webdataset are not installed and there is no .whl/ folder to install from" >&2
-            exit 3
-        fi
-    fi
-    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        echo "gpu_check: torch sees no CUDA device; use --dry-run to see the commands" >&2
-        exit 3
-    fi
-    # DeepSpeed's op builders cannot parse arch names such as "9.0a": name the device's plain compute capability.
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
-    export TORCH_CUDA_ARCH_LIST
-    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+command_of() {  # command_of PHASE: the phase's command line, one word per line
+    local bench=("$PY" scripts/bench_train.py)
+    local e2e=(env LIVT_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_bf16_configs.py)
+    case "$1" in
+        bench_vit_large) printf '%s\n' "${bench[@]}" --model vit_large --input synthetic --ds-adam config,torch-fused \
+            --eager amp-fused,pure-foreach --steps 10 --warmup 3 --json-out "$OUT/$1.json" ;;
+        bench_vit_base) printf '%s\n' "${bench[@]}" --model vit_base --input both --ds-adam config \
+            --eager pure-foreach --gen-images 1024 --steps 10 --warmup 3 --json-out "$OUT/$1.json" ;;
+        e2e_zero1|e2e_zero2|e2e_zero3) printf '%s\n' "${e2e[@]}" -k "${1#e2e_}_bf16" --junitxml "$OUT/$1.xml" ;;
+        e2e_zero2_offload) printf '%s\n' "${e2e[@]}" -k "zero2_offload_bf16 or gradients_accumulate" \
+            --junitxml "$OUT/$1.xml" ;;
+        memory_vit_large) printf '%s\n' "${bench[@]}" --model vit_large --stages none \
+            --zero-stages 1,2,3,2offload --zero-batch 128 --zero-steps 3 --json-out "$OUT/$1.json" ;;
+        memory_vit_huge) printf '%s\n' "${bench[@]}" --model vit_huge --stages none \
+            --zero-stages 1,2,3,2offload --zero-batch 64 --zero-steps 3 --json-out "$OUT/$1.json" ;;
+    esac
+}
+
+if (( DRY )); then
+    total=0
+    for phase in "${ALL[@]}"; do
+        [[ -n "${WANTED[$phase]:-}" ]] || continue
+        mapfile -t cmd < <(command_of "$phase")
+        echo "[$phase, limit $(limit_of "$phase")s] $(printf '%q ' "${cmd[@]}")"
+        total=$(( total + $(limit_of "$phase") ))
+    done
+    echo "total limit ${total}s"
+    exit 0
 fi
 
-for phase in ${PHASES//,/ }; do
-    case "$phase" in
-        e2e)
-            run_phase e2e "${E2E_S:-210}" e2e.log env LIVT_TEST_DEVICE=cuda \
-                "$PY" -m pytest -q -p no:cacheprovider tests/test_bf16_configs.py --junitxml "$OUT/e2e.xml" ;;
-        bench)
-            run_phase bench_vit_large "${BENCH_L_S:-120}" bench_vit_large.log "$PY" scripts/bench_train.py \
-                --model vit_large --steps 20 --warmup 6 --gen-images 1024 --json-out "$OUT/bench_vit_large.json"
-            run_phase bench_vit_base "${BENCH_B_S:-60}" bench_vit_base.log "$PY" scripts/bench_train.py \
-                --model vit_base --input synthetic --steps 20 --warmup 6 --json-out "$OUT/bench_vit_base.json" ;;
-        memory)
-            run_phase memory_vit_large "${MEM_L_S:-50}" memory_vit_large.log "$PY" scripts/bench_train.py \
-                --model vit_large --stages none --zero-stages 1,2,3,2offload --zero-batch 128 --zero-steps 3 \
-                --json-out "$OUT/memory_vit_large.json"
-            run_phase memory_vit_huge "${MEM_H_S:-40}" memory_vit_huge.log "$PY" scripts/bench_train.py \
-                --model vit_huge --stages none --zero-stages 1,2,3,2offload --zero-batch 64 --zero-steps 3 \
-                --json-out "$OUT/memory_vit_huge.json" ;;
-    esac
+if ! "$PY" -c "import deepspeed, webdataset" 2>/dev/null; then
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        site=$(mktemp -d /tmp/livt-site.XXXXXX)
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 3
+        export PYTHONPATH="$PYTHONPATH:$site"
+    else
+        echo "gpu_check: deepspeed/webdataset are not installed and there is no .whl/ folder to install from" >&2
+        exit 3
+    fi
+fi
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: torch sees no CUDA device; use --dry-run to see the commands" >&2
+    exit 3
+fi
+mkdir -p "$OUT"
+: > "$OUT/phases.tsv"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+
+for phase in "${ALL[@]}"; do
+    [[ -n "${WANTED[$phase]:-}" ]] || continue
+    limit=$(limit_of "$phase")
+    mapfile -t cmd < <(command_of "$phase")
+    echo "[gpu_check] $phase (limit ${limit}s): $(printf '%q ' "${cmd[@]}")" >&2
+    start=$SECONDS
+    timeout --signal=INT --kill-after=15 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1
+    rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$phase" "$rc" "$(( SECONDS - start ))" "$phase.log" >> "$OUT/phases.tsv"
+    echo "[gpu_check] $phase: exit $rc after $(( SECONDS - start ))s (log: $OUT/$phase.log)" >&2
 done
-(( DRY )) && exit 0
 "$PY" scripts/gpu_check_summary.py "$OUT"

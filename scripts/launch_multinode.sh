@@ -7,9 +7,27 @@
 #   NODE_RANK=0 MASTER_ADDR=node-a scripts/launch_multinode.sh per-node    # on node-a
 #   NODE_RANK=1 MASTER_ADDR=node-a scripts/launch_multinode.sh per-node    # on node-b
 # Extra arguments are passed to livt (recipe overrides such as train.epochs=2).
-# Environment variables starting with NCCL_, PYTHON or UCX_ and lines of ./.deepspeed_env are forwarded to all ranks.
+# Environment: in ssh mode the launcher forwards variables starting with NCCL, PYTHON, UCX (not GLOO_SOCKET_IFNAME)
+# and the KEY=VALUE lines of ~/.deepspeed_env and ./.deepspeed_env (scripts/deepspeed_env.example) to every rank.
+# In per-node mode the ranks inherit this shell's environment, and ./.deepspeed_env is exported here, so one file
+# serves both. DeepSpeed splits every line at '=': a blank or comment line would stop it, so it is refused here.
 set -euo pipefail
 mode=${1:-ssh}; shift || true
+env_file=${DS_ENV_FILE:-.deepspeed_env}
+for f in "$HOME/$env_file" "./$env_file"; do
+  [[ -f $f ]] || continue
+  n=0
+  while IFS= read -r line || [[ -n $line ]]; do
+    n=$((n + 1))
+    if [[ ! $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
+      echo "$f:$n: expected KEY=VALUE (no blank or comment lines; the deepspeed launcher reads every line): '$line'" >&2
+      exit 2
+    fi
+  done < "$f"
+done
+if [[ $mode == per-node && -f ./$env_file ]]; then
+  set -a; source "./$env_file"; set +a
+fi
 HOSTFILE=${HOSTFILE:-scripts/hostfile.example}
 GPUS=${GPUS:-8}
 STAGE=${STAGE:-pretrain}

@@ -1,6 +1,8 @@
 """Measure the precision DeepSpeed accumulates gradients in, for DeepSpeed JSON configs, in a real engine.
 
-Usage: python tests/grad_accum_probe.py PORT OUT.json DS_CONFIG.json [...]  (one process, world size 1, gloo on CPU).
+Usage: python tests/grad_accum_probe.py PORT OUT.json DS_CONFIG.json [...]  (one process, world size 1). It runs
+where the environment says, as the trainer does (livt_ds.dist): on the GPU (nccl) when torch sees one and
+DS_ACCELERATOR is not "cpu", else on the CPU (gloo).
 
 Eight micro-batches are accumulated into one optimizer step of a bf16 model whose only parameter w [64] gets the
 gradient dL/dw = c_i per micro-batch (after DeepSpeed's 1/8 loss scaling): c_0 = 1, c_1..4 = 2^-9, c_5..7 = 0, all
@@ -42,34 +44,35 @@ def probe(ds_path: str) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     from livt_ds.config import load_ds_config, load_recipe, resolve_ds_config
+    from livt_ds.cuda_arch import set_plain_cuda_arch_list
 
     recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "configs" / "tiny_mgp.yaml"),
                          ["train.micro_batch=1", f"train.batch_size={ACCUMULATION}"])
     ds = resolve_ds_config(load_ds_config(ds_path), recipe, world=1)
     assert ds["gradient_accumulation_steps"] == ACCUMULATION
     model = OneWeight()
+    set_plain_cuda_arch_list()
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     dtype = next(engine.module.parameters()).dtype
     for i, grad in enumerate(GRADS):
-        engine.backward(engine(torch.tensor(ACCUMULATION * grad, dtype=dtype)))  # engine.backward divides by 8
+        c = torch.tensor(ACCUMULATION * grad, dtype=dtype, device=engine.device)
+        engine.backward(engine(c))  # engine.backward divides by 8
         if i < ACCUMULATION - 1:
             engine.step()  # not a boundary: only counts the micro-step
     grad = safe_get_full_grad(engine.module.w)
-    result = {"config": ds_path, "param_dtype": str(dtype), "optimizer": type(optimizer).__name__,
-              "grad_dtype": str(grad.dtype), "grad": grad.float().flatten().tolist()}
+    result = {"config": ds_path, "device": str(engine.device), "param_dtype": str(dtype),
+              "optimizer": type(optimizer).__name__, "grad_dtype": str(grad.dtype),
+              "grad": grad.float().flatten().tolist()}
     engine.step()
     engine.destroy()
     return result
 
 
 def main(argv: list[str]) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", argv[0])
-    import deepspeed
+    from livt_ds import dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    dist.init_distributed()  # a world of one: nccl on the GPU, gloo on the CPU
     results = [probe(path) for path in argv[2:]]
     Path(argv[1]).write_text(json.dumps(results, indent=1))
     return 0

@@ -3,7 +3,8 @@
 It serves the files under ``root`` with byte ``Range`` support (``bytes=N-``) and can, per request:
 drop every ``drop_every``-th request for a ``.tar`` file mid-body (headers promise the full length, half the
 body is sent, the connection closes), answer ``fail[path]`` (e.g. 404 / 500) for given paths, or stall
-``stall_s`` seconds before answering paths in ``stall``. It stops when the ``with`` block ends, and in any case
+``stall_s`` seconds before answering paths in ``stall``, or answer 503 to every ``.tar`` request after the first
+``down_after`` (an outage). It stops when the ``with`` block ends, and in any case
 after ``lifetime_s`` seconds.
 """
 
@@ -29,10 +30,10 @@ class FaultyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, root: Path, *, drop_every: int = 0, fail: dict[str, int] | None = None, ranges: bool = True,
-                 stall: tuple[str, ...] = (), stall_s: float = 0.0):
+                 stall: tuple[str, ...] = (), stall_s: float = 0.0, down_after: int | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.drop_every, self.fail, self.ranges = Path(root).resolve(), drop_every, fail or {}, ranges
-        self.stall, self.stall_s = stall, stall_s
+        self.stall, self.stall_s, self.down_after = stall, stall_s, down_after
         self.lock = threading.Lock()
         self.tar_requests = 0
         self.drops = 0
@@ -56,10 +57,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         with srv.lock:
             srv.requests[path] += 1
-            drop = False
+            drop = down = False
             if path.endswith(".tar"):
                 srv.tar_requests += 1
                 drop = srv.drop_every > 0 and srv.tar_requests % srv.drop_every == 0
+                down = srv.down_after is not None and srv.tar_requests > srv.down_after
+        if down:
+            self.send_error(503)
+            return
         if path in srv.stall:
             time.sleep(srv.stall_s)
         if path in srv.fail:

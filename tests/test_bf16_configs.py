@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, launch_ranks, launcher_env, run_livt, run_process, train_losses
+from conftest import REPO, TEST_DEVICE, free_port, launch_ranks, launcher_env, run_livt, run_process, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_export_gives_the_engine_eval_metrics(chain):
     assert plain["num_samples"] == engine["num_samples"] == 20
     for key in ("top1", "many", "medium", "few"):
         assert plain[key] == engine[key], key
-    assert plain["ece"] == pytest.approx(engine["ece"], abs=2e-2)  # engine logits are bf16, the export runs fp32
+    assert plain["ece"] == pytest.approx(engine["ece"], abs=2e-2)  # the engine's trunk runs bf16, the export fp32
 
 
 def test_gradients_accumulate_in_fp32_on_every_shipped_bf16_config(tmp_path):
@@ -174,6 +174,7 @@ def test_gradients_accumulate_in_fp32_on_every_shipped_bf16_config(tmp_path):
     found = {Path(r["config"]).name: r for r in json.loads((tmp_path / "r.json").read_text())}
     for name in CONFIGS:
         r = found[name]
+        assert r["device"].startswith(TEST_DEVICE), r  # the probe runs where the e2e tests run
         assert r["param_dtype"] == "torch.bfloat16", r
         assert r["grad_dtype"] == "torch.float32" and set(r["grad"]) == {FP32_SUM}, (name, r["optimizer"])
     assert found["zero1_bf16.json"]["optimizer"] == "BF16_Optimizer"

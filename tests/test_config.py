@@ -152,8 +152,8 @@ def test_contradictions_are_errors():
 
 
 def test_batch_triple_is_checked():
-    recipe = load_recipe(None, ["train.batch_size=60", "train.micro_batch=8"])
-    with pytest.raises(ConfigError, match="not divisible"):
+    recipe = load_recipe(None, ["train.batch_size=61", "train.micro_batch=8"])
+    with pytest.raises(ConfigError, match="not a multiple of the world size"):
         plan_batch(ds(), recipe.train, world=2)
     recipe = load_recipe(None, ["train.batch_size=64"])
     with pytest.raises(ConfigError, match=r"64 != micro 8 x gradient_accumulation_steps 3 x world 2"):

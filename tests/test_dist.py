@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from livt_ds.dist import launcher_settings
+from livt_ds.dist import cuda_device_index, expand_nodelist, launcher_settings, slurm_port
 
 
 def no_port() -> int:
@@ -23,12 +23,52 @@ def test_torchrun_and_deepspeed_variables_are_kept():
 
 def test_slurm_srun_variables():
     env = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_LAUNCH_NODE_IPADDR": "10.1.2.3",
-           "MASTER_PORT": "12345"}
+           "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_JOB_ID": "4242", "MASTER_PORT": "12345"}
+    # the first node of the allocation, not the node srun was called from (often a login node)
     assert launcher_settings(env, no_port) == ("slurm", {
-        "RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "12345"})
-    # an explicit MASTER_ADDR (e.g. the first host of the allocation) wins over the launch node
+        "RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "gpu-07", "MASTER_PORT": "12345"})
+    # the step's nodes win over the job's; an explicit MASTER_ADDR wins over both
+    assert launcher_settings({**env, "SLURM_STEP_NODELIST": "gpu-[09-10]"}, no_port)[1]["MASTER_ADDR"] == "gpu-09"
     name, values = launcher_settings({**env, "MASTER_ADDR": "node-a"}, no_port)
     assert name == "slurm" and values["MASTER_ADDR"] == "node-a"
+
+
+def test_slurm_port_follows_the_job_id_unless_set():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu-[07-08]"}
+    ports = {job: launcher_settings({**env, "SLURM_JOB_ID": job}, no_port)[1]["MASTER_PORT"]
+             for job in ("4242", "4243", "987654")}
+    assert ports == {"4242": "19242", "4243": "19243", "987654": "27654"}  # 15000 + id % 15000
+    assert slurm_port("4242") == 19242
+    # every task of a job derives the same port
+    assert launcher_settings({**env, "SLURM_PROCID": "9", "SLURM_JOB_ID": "4242"}, no_port)[1]["MASTER_PORT"] == ports[
+        "4242"]
+    assert launcher_settings({**env, "SLURM_JOB_ID": "4242", "MASTER_PORT": "29400"}, no_port)[1]["MASTER_PORT"] == (
+        "29400")
+
+
+@pytest.mark.parametrize(("nodelist", "hosts"), [
+    ("gpu-[07-08]", ["gpu-07", "gpu-08"]),
+    ("gpu-07,gpu-09", ["gpu-07", "gpu-09"]),
+    ("gpu-[07,09-10]", ["gpu-07", "gpu-09", "gpu-10"]),
+    ("a100-n[0003-0004]", ["a100-n0003", "a100-n0004"]),
+    ("node[9-11],login", ["node9", "node10", "node11", "login"]),
+    ("rack[1-2]-gpu[01-02]", ["rack1-gpu01", "rack1-gpu02", "rack2-gpu01", "rack2-gpu02"]),
+    ("solo", ["solo"]),
+])
+def test_slurm_nodelists_expand_in_order(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": nodelist}
+    assert launcher_settings(env, no_port)[1]["MASTER_ADDR"] == hosts[0]
+
+
+@pytest.mark.parametrize(("local_rank", "visible", "device"), [(3, 8, 3), (0, 8, 0), (3, 1, 0), (7, 1, 0), (1, 2, 1)])
+def test_cuda_device_whether_a_task_sees_its_node_or_its_own_gpu(local_rank, visible, device):
+    assert cuda_device_index(local_rank, visible) == device
+
+
+def test_a_local_rank_without_a_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="local rank 5 has no GPU: this task sees 4 devices"):
+        cuda_device_index(5, 4)
     # SLURM_PROCID alone (an sbatch shell, not srun) is not a SLURM launch
     assert launcher_settings({"SLURM_PROCID": "0"}, lambda: 4000)[0] == "single process"
 

@@ -245,3 +245,19 @@ def test_exports_and_evaluations_name_the_weights_they_came_from(pipeline_runs):
     assert weights_provenance(bft) == {**expected, "weights": str(bft.resolve())}  # through its export
     ckpts = bft / "checkpoints"
     assert weights_provenance(ckpts) == {**expected, "weights": str(ckpts.resolve())}  # straight from the checkpoint
+
+
+@pytest.mark.slow
+def test_resume_from_a_copy_of_the_set_behind_a_url_with_more_retries_is_recorded(finished_bft, toy_shards,
+                                                                                   tmp_path):
+    from httpserver import serve
+
+    run = _copy(finished_bft, tmp_path)
+    with serve(toy_shards.parent) as srv:
+        run_livt([*BFT, "--output", str(run), f"data.path={srv.url}/{toy_shards.name}/", "model.init=",
+                  "train.epochs=1", "augment.mixup=0", "augment.cutmix=0", "data.retries=9", "data.num_workers=0"])
+    start = [r for r in read_jsonl(run / "history.jsonl") if r["event"] == "start"][-1]
+    assert start["changes"] == {"training": {}, "operational": {
+        "data.path": [str(toy_shards), f"{srv.url}/{toy_shards.name}/"], "data.retries": [5, 9],
+        "data.num_workers": [1, 0]}}
+    assert start["data_sha256"] == read_jsonl(run / "history.jsonl")[0]["data_sha256"] is not None

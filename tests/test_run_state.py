@@ -81,7 +81,9 @@ def test_plan_resume_reads_latest_and_the_world_size(tmp_path):
     assert (plan.tag, plan.saved_world, plan.needs_universal, plan.load_tag) == (step_tag(4), 2, False, step_tag(4))
     plan = plan_resume(run, "auto", 1)
     assert plan.needs_universal and plan.load_tag == f"{step_tag(4)}_universal"
-    assert plan_resume(run, "none", 2) is None
+    with pytest.raises(CheckpointError, match="--resume none: .* holds checkpoints of an earlier run"):
+        plan_resume(run, "none", 2)
+    assert plan_resume(run, "none", 2, overwrite=True) is None
     assert plan_resume(run, str(ckpt / step_tag(4)), 2).tag == step_tag(4)
     with pytest.raises(CheckpointError, match="incomplete"):
         plan_resume(run, str(ckpt / step_tag(8)), 2)

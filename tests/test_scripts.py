@@ -61,16 +61,18 @@ def test_bench_data_runs_and_reports_both_pipelines():
                                   "webdataset_stream_http_localhost": [http]}
 
 
-def dry_run(tmp_path: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
-    """Run launch_multinode.sh with a `deepspeed` on PATH that records its arguments (one per line)."""
+def dry_run(tmp_path: Path, *args: str, script: str = "launch_multinode.sh", cwd: Path = REPO,
+            fake: str = "deepspeed", **env_vars: str) -> subprocess.CompletedProcess:
+    """Run a launch script with a ``fake`` command on PATH that records its arguments (one per line) and the
+    network variables the ranks would get."""
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
-    fake = bindir / "deepspeed"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
-    fake.chmod(0o755)
+    (bindir / fake).write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n'
+                               'env | grep -E "^(NCCL|GLOO)_" | sort > "$ARGS_OUT.env" || true\n')
+    (bindir / fake).chmod(0o755)
     env = {**script_env(), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args"),
            **env_vars}
-    return subprocess.run(["bash", "scripts/launch_multinode.sh", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run(["bash", str(REPO / "scripts" / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -98,3 +100,40 @@ def test_launch_multinode_builds_the_deepspeed_commands(tmp_path):
     lines = (REPO / "scripts" / "hostfile.example").read_text().splitlines()
     hosts = [line.split() for line in lines if line.strip() and not line.startswith("#")]
     assert hosts == [["node-a", "slots=8"], ["node-b", "slots=8"]]  # two nodes of 8 GPUs: --num_nodes 2, GPUS=8
+
+
+def test_deepspeed_env_is_checked_and_exported_per_node(tmp_path):
+    """./.deepspeed_env: the ssh launcher forwards its lines; per-node mode exports them itself; a line the deepspeed
+    launcher cannot split (blank, comment) is refused with its line number."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".deepspeed_env").write_text((REPO / "scripts" / "deepspeed_env.example").read_text())
+    assert dry_run(tmp_path, "per-node", cwd=work, NODE_RANK="1", MASTER_ADDR="node-a").returncode == 0
+    assert (tmp_path / "args.env").read_text().splitlines() == ["GLOO_SOCKET_IFNAME=ib0", "NCCL_IB_HCA=mlx5",
+                                                                "NCCL_SOCKET_IFNAME=ib0"]
+    (work / ".deepspeed_env").write_text("NCCL_SOCKET_IFNAME=ib0\n# the fabric\nGLOO_SOCKET_IFNAME=ib0\n")
+    bad = dry_run(tmp_path, "ssh", cwd=work)
+    assert bad.returncode == 2 and ".deepspeed_env:2: expected KEY=VALUE" in bad.stderr
+
+
+def test_sbatch_example_starts_one_task_per_gpu_with_srun(tmp_path):
+    script = (REPO / "scripts" / "slurm_train.sbatch").read_text()
+    for option in ("--ntasks-per-node=8", "--gpus-per-node=8", "--signal=TERM@"):
+        assert f"#SBATCH {option}" in script, option
+    result = dry_run(tmp_path, "train.epochs=2", script="slurm_train.sbatch", fake="srun", OUTPUT="/shared/runs/x",
+                     STAGE="finetune", CONFIG="configs/bft_vit_base_inat18.yaml")
+    assert result.returncode == 0, result.stderr
+    assert recorded(tmp_path) == ["--kill-on-bad-exit=1", "python", "-m", "livt_ds", "finetune", "--config",
+                                  "configs/bft_vit_base_inat18.yaml", "--ds-config", "ds_configs/zero2_bf16.json",
+                                  "--output", "/shared/runs/x", "train.epochs=2"]
+    missing = dry_run(tmp_path, script="slurm_train.sbatch", fake="srun")
+    assert missing.returncode != 0 and "OUTPUT" in missing.stderr
+
+
+def test_scaling_doc_holds_the_tables_the_model_prints():
+    """docs/scaling.md's tables are scripts/scaling_model.py's output on today's recipes (regenerate on change)."""
+    result = subprocess.run([sys.executable, "scripts/scaling_model.py"], cwd=REPO, env=script_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| mgp_vit_large_imagenet_lt | 4096 | 0.0024 | 128 x 4 | 128 x 2 | 128 x 1 |" in result.stdout
+    assert result.stdout.strip() in (REPO / "docs" / "scaling.md").read_text()

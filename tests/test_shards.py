@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -32,11 +33,14 @@ def test_meta_contract_and_shard_paths(tmp_path):
     for key in ("format_version", "name", "num_classes", "classes", "class_counts", "splits", "image_stats", "mean",
                 "std", "source", "command", "seed", "imbalance", "skipped", "created"):  # fmt: skip
         assert key in meta, key
+    files = [out / f"train-00000{i}.tar" for i in range(3)]
     assert meta["splits"]["train"] == {
         "num_samples": 10,
         "shards": ["train-000000.tar", "train-000001.tar", "train-000002.tar"],
         "shard_sizes": [4, 4, 2],
         "class_counts": [3, 3, 2, 2],
+        "shard_bytes": [f.stat().st_size for f in files],
+        "shard_sha256": [hashlib.sha256(f.read_bytes()).hexdigest() for f in files],
     }
     assert shard_paths(out, "val") == [str(out / "val-000000.tar")]
     with pytest.raises(Exception, match="no split 'test'.*'train', 'val'"):

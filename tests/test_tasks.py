@@ -3,6 +3,7 @@ loss), the mean/std precedence, and the optimizer's parameter groups (weight dec
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -86,8 +87,13 @@ def test_mean_std_precedence_recipe_then_meta_then_imagenet():
     for overrides, m, (mean, std) in cases:
         bft = finetune_task("bal_bce", "augment.crop_pct=1.0", *overrides, meta=m)
         mgp = PretrainTask(load_recipe(REPO / "configs" / "tiny_mgp.yaml", overrides), m)
-        for transform in (bft.eval_transform(), mgp.eval_transform(), mgp.train_transform()):
+        for transform in (bft.eval_transform(), mgp.eval_transform()):
             torch.testing.assert_close(normalised_mean(transform), expected(mean, std), rtol=0, atol=1e-5)
+        crop = mgp.train_transform()  # uint8 crops; the task normalises the batch (on the device)
+        png = io.BytesIO()
+        flat().save(png, format="PNG")
+        images, _ = mgp.prepare_batch(crop(crop.decode(png.getvalue()))[None], torch.zeros(1, dtype=torch.long))
+        torch.testing.assert_close(images[0].mean((1, 2)), expected(mean, std), rtol=0, atol=1e-5)
 
 
 def layer_of(name: str, depth: int) -> int:

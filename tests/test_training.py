@@ -1,5 +1,5 @@
 """End-to-end DeepSpeed runs on CPU (gloo, 2 ranks) through the real CLI: under torchrun, and under the deepspeed
-launcher for the shared pipeline runs, SIGTERM and the two-node launch."""
+launcher for the shared pipeline runs and SIGTERM (the multi-node launch is in test_scale_out.py)."""
 
 from __future__ import annotations
 
@@ -267,25 +267,6 @@ def check_exact_carry_over(two_rank: Path, one_rank: Path, betas: tuple[float, f
         expected_v3 = b2 * v2.double() + (1 - b2) * grad**2
         torch.testing.assert_close(v3.double(), expected_v3, rtol=2e-3, atol=1e-6 * float(v3.max()))
         assert int(torch.as_tensor(state["step"]).max()) == 3
-
-
-def test_two_node_launch_on_one_machine(toy_shards, tmp_path):
-    """Two deepspeed launchers (--no_ssh, node ranks 0 and 1) form one 2-rank job, as on a 2-node cluster."""
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = str(free_port())
-    args = ["pretrain", *MGP, "--output", str(tmp_path / "run"), f"data.path={toy_shards}", "train.epochs=1",
-            "eval.every=0"]
-    procs = [start_process([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-                            "--num_nodes", "2", "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-                            "--master_port", port, "--module", "livt_ds", *args],
-                           cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = [finish_process(p, timeout=LAUNCH_TIMEOUT_S)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    run_info = (tmp_path / "run" / "run.yaml").read_text()
-    assert "world_size: 2" in run_info
-    assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3]
 
 
 def start_long_run(out: Path, toy_shards: Path) -> subprocess.Popen:

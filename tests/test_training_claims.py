@@ -28,15 +28,16 @@ STOP = 4  # the interrupted run stops in the middle of epoch 2
 
 @pytest.fixture(scope="module")
 def bft_runs(toy_shards, tmp_path_factory) -> dict:
-    """full: uninterrupted, keep_last 2. part: --resume none in a folder that already holds the finished run's
-    checkpoints, stopped at step 4. cont: a new folder continuing from part's step-4 tag folder (--resume PATH)."""
+    """full: uninterrupted, keep_last 2. part: --resume none --overwrite in a folder that already holds the finished
+    run's checkpoints, stopped at step 4. cont: a new folder continuing from part's step-4 tag folder
+    (--resume PATH)."""
     root = tmp_path_factory.mktemp("bft_claims")
     common = ["finetune", *BFT, f"data.path={toy_shards}", "model.init=", f"train.epochs={EPOCHS}", f"train.blr={BLR}",
               "checkpoint.every_steps=1"]
     run_livt([*common, "--output", str(root / "full"), "checkpoint.keep_last=2"])
     shutil.copytree(root / "full" / "checkpoints", root / "part" / "checkpoints")
     part = run_livt([*common, "--output", str(root / "part"), "checkpoint.keep_last=100",
-                     f"train.stop_after_steps={STOP}", "--resume", "none"])
+                     f"train.stop_after_steps={STOP}", "--resume", "none", "--overwrite"])
     tag = root / "part" / "checkpoints" / f"step{STOP:08d}"
     cont = run_livt([*common, "--output", str(root / "cont"), "checkpoint.keep_last=100", "--resume", str(tag)])
     return {"full": root / "full", "part": root / "part", "cont": root / "cont", "tag": tag,
@@ -96,8 +97,9 @@ def test_bft_resume_is_exact_with_mixup_cutmix_and_label_smoothing(bft_runs):
 
 
 def test_resume_none_starts_over_and_resume_path_continues_from_that_checkpoint(bft_runs):
-    assert "resumed from" not in bft_runs["part_log"]  # the copied step-9 checkpoint and its 'latest' are ignored
+    assert "resumed from" not in bft_runs["part_log"]  # the copied step-9 checkpoint and its 'latest' are deleted
     part_ckpts = bft_runs["part"] / "checkpoints"
+    assert not (part_ckpts / f"step{TOTAL:08d}").exists()
     assert (part_ckpts / "latest").read_text().strip() == f"step{STOP:08d}"
     assert {p.name for p in part_ckpts.glob("step*")} >= {f"step{s:08d}" for s in range(1, STOP + 1)}
     assert f"resumed from {bft_runs['tag']} at step {STOP}" in bft_runs["cont_log"]

@@ -1,7 +1,8 @@
 """``scripts/make_shards.py`` / ``livt shard``: raw data set -> WebDataset shards + meta.json, and ``--verify``.
 
     python scripts/make_shards.py --source {imagefolder,list,inat,cifar,demo} --input PATH --output shards/NAME
-        [--train-list F --val-list F] [--imbalance GAMMA] [--max-side N] [--shard-size N|SIZE] [--workers N]
+        [--train-list F --val-list F --test-list F] [--val-per-class N] [--imbalance GAMMA] [--max-side N]
+        [--shard-size N|SIZE] [--workers N]
         [--seed S] [--skip-missing] [--overwrite] [--num-classes N]
     python scripts/make_shards.py --verify shards/NAME
     python scripts/make_shards.py ... --output s3://bucket/sets/NAME     (or gs://, or 'pipe:CMD {}' reading stdin)
@@ -38,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from livt_ds.data.longtail import imbalance_ratio, longtail_subsample
-from livt_ds.data.remote import is_url
+from livt_ds.data.remote import is_credentials_error, is_url
 from livt_ds.data.shards import (
     FORMAT_VERSION,
     ShardSetError,
@@ -182,6 +183,7 @@ def write_shards(
         meta = _build_meta(source, output, writer.stats, tally)
         meta.update(seed=seed, imbalance=imbalance, max_side=max_side, shard_size=str(shard_size))
         meta["command"] = command or ""
+        writer.record_files(meta)
         writer.commit(meta)
     return meta
 
@@ -241,7 +243,7 @@ def _missing_as_skipped(source: Source, skip_missing: bool) -> list[dict]:
 
 
 def _plan_splits(source: Source, imbalance: float | None, seed: int) -> dict[str, list[Record]]:
-    """Training records subsampled onto the profile and shuffled with ``seed``; val kept as it is."""
+    """Training records subsampled onto the profile and shuffled with ``seed``; val and test kept as they are."""
     train = list(source.splits["train"])
     if not train:
         raise SourceError(f"{source.kind} source: the training split is empty after removing missing files")
@@ -250,8 +252,9 @@ def _plan_splits(source: Source, imbalance: float | None, seed: int) -> dict[str
         train = [train[i] for i in kept]
     random.Random(seed).shuffle(train)
     plan = {"train": train}
-    if source.splits.get("val"):
-        plan["val"] = list(source.splits["val"])
+    for split in ("val", "test"):
+        if source.splits.get(split):
+            plan[split] = list(source.splits[split])
     return plan
 
 
@@ -301,6 +304,7 @@ def _build_meta(source: Source, output: Path, split_stats: dict, tally: _Tally) 
         "classes": source.classes,
         "class_counts": splits["train"]["class_counts"],
         "splits": splits,
+        "test_split": source.test_split if source.test_split in splits else None,
         "image_stats": {
             "width": _min_mean_max(widths),
             "height": _min_mean_max(heights),
@@ -330,6 +334,9 @@ def format_summary(meta: dict, output: str | Path, seconds: float) -> str:
     lines = [f"{output}: {meta['num_classes']} classes, written in {seconds:.1f} s"]
     for split, info in meta["splits"].items():
         lines.append(f"  {split}: {info['num_samples']} images in {len(info['shards'])} shards")
+    test = meta.get("test_split")
+    lines.append("  test split: none (no test set: runs evaluate val only)" if test is None else
+                 f"  test split: {test}" + (" (the data set's val is its test set)" if test != "test" else ""))
     ratio = imbalance_ratio(counts)
     lines.append(
         f"  train images per class: max {max(counts)}, min {min(counts)}, ratio {ratio:.1f}"
@@ -367,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="shard set folder to create, e.g. shards/cifar10_lt100, or a URL to upload "
                    "it to: s3://bucket/sets/NAME, gs://..., 'pipe:aws s3 cp - s3://bucket/sets/NAME/{}'")
     p.add_argument("--train-list", help="list: 'path LABEL' file; inat: train JSON")
-    p.add_argument("--val-list", help="list: val/test list file; inat: val JSON")
+    p.add_argument("--val-list", help="list: val list file (e.g. ImageNet_LT_val.txt); inat: val JSON")
+    p.add_argument("--test-list", help="list: test list file (e.g. ImageNet_LT_test.txt), written as the test split")
+    p.add_argument("--val-per-class", type=int,
+                   help="cifar: carve a balanced val of N images per class from train; the official test set "
+                        "becomes the test split")
     p.add_argument("--imbalance", type=float, help="subsample train onto an exponential profile, max/min = GAMMA")
     p.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds N pixels")
     p.add_argument("--shard-size", default="1000", help="samples per shard (1000) or bytes (256MB) [1000]")
@@ -395,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SourceError(f"--max-side {args.max_side}: must be a positive number of pixels")
         start = time.time()
         source = open_source(
-            args.source, args.input, train_list=args.train_list, val_list=args.val_list,
-            num_classes=args.num_classes, seed=args.seed,
+            args.source, args.input, train_list=args.train_list, val_list=args.val_list, test_list=args.test_list,
+            num_classes=args.num_classes, val_per_class=args.val_per_class, seed=args.seed,
         )  # fmt: skip
         options = dict(
             imbalance=args.imbalance, max_side=args.max_side, shard_size=args.shard_size, workers=args.workers,
@@ -407,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             meta = write_and_upload(source, args.output, **options)
         else:
             meta = write_shards(source, args.output, **options)
-    except (SourceError, ValueError, RuntimeError, OSError) as exn:
+    except Exception as exn:
+        if not isinstance(exn, (SourceError, ValueError, RuntimeError, OSError)) and not is_credentials_error(exn):
+            raise
         print(f"make_shards: error: {exn}", file=sys.stderr)
         return 2
     print(format_summary(meta, args.output, time.time() - start))

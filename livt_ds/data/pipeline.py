@@ -22,6 +22,10 @@ Training (:func:`train_loader`), per rank ``r`` of ``R`` and DataLoader worker `
    samples. An exception raised by the transform is a bug, not bad data: it propagates.
 6. Each worker yields its share of ``num_batches`` (``with_epoch``), the loader exactly
    ``num_batches - skip_batches`` batches. The stream depends on ``num_workers``: resume with the same value.
+7. One loader runs every remaining epoch (``end_epoch``): each worker chains its share of one epoch after the
+   other (:meth:`TrainStream.loader_worker_batches`), so the workers start once per launch and begin the next
+   epoch while the trainer drains the batches already prepared. Each epoch is the stream of steps 1-6 for that
+   epoch (its own tape and a fresh shuffle buffer), so where a launch starts changes nothing.
 
 Evaluation (:func:`eval_loader`): the shards are cut into units (shard, part ``p`` of ``P``: the samples
 ``i`` of that shard with ``i % P == p``), ``P = ceil(R*W / shards)`` so there are at least as many units as
@@ -67,47 +71,56 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions, ShardUnavailable
-from livt_ds.data.shards import decode_image, decode_label, image_key, load_meta, read_tar_samples, shard_paths
+from livt_ds.data.remote import DEFAULT_OPTIONS, DataSourceOutage, ReadGaveUp, RemoteOptions, ShardUnavailable
+from livt_ds.data.shards import (
+    decode_image,
+    decode_label,
+    image_key,
+    load_meta,
+    read_tar_samples,
+    shard_files,
+    shard_paths,
+)
 
 logger = logging.getLogger(__name__)
 
 _TAPE, _SHUFFLE, _SAMPLE = 1, 2, 3  # stream tags mixed into the seeds
+OUTAGE_SHARDS = 3  # training: reads of this many different shards in a row given up after their retries = an outage
 SHUFFLE_BUFFER = 1000  # raw (undecoded) training samples held per loader worker for shuffling
+PREFETCH_BATCHES = 2  # batches each loader worker keeps ready ahead of the trainer
+WORKER_PRELOAD = ("livt_ds.data.pipeline", "livt_ds.data.transforms", "torchvision", "timm")  # imported once, by the
+#   fork server, before it forks any loader worker
 _exit_hook = False  # _kill_workers_at_exit registered
 _counter = None  # multiprocessing.Value("q"): samples skipped in this process and its loader workers
 _shard_counter = None  # multiprocessing.Value("q"): shard reads given up or cut short (see skipped_shards)
 
 
 # ---------------------------------------------------------------------------------------------- counting
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context every loader of the package starts its workers with.
+
+    A worker forked from the trainer inherits a process with live threads (TensorBoard writer, progress bar, run-lock
+    heartbeat, other loaders' queue feeders, gloo) and can block forever in CPython's after-fork clean-up. The fork
+    server is a fresh single-threaded process started once (by fork + exec); it imports the package, torchvision and
+    timm first, so each worker forked from it starts with them loaded.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))  # read when the server starts (first worker of a process)
+    return context
+
+
 def _skip_counter():
     global _counter
     if _counter is None:
-        _counter = multiprocessing.Value("q", 0)
+        _counter = worker_context().Value("q", 0)
     return _counter
 
 
 def _shard_skip_counter():
     global _shard_counter
     if _shard_counter is None:
-        _shard_counter = multiprocessing.Value("q", 0)
+        _shard_counter = worker_context().Value("q", 0)
     return _shard_counter
-
-
-def settle_feeder_threads(timeout_s: float = 0.05) -> None:
-    """Let the queue feeder threads of a DataLoader that was just shut down finish exiting before the next one
-    forks its workers: a fork while another thread is tearing down its interpreter state can leave the child
-    blocked forever in CPython's after-fork clean-up (seen as an evaluation that never starts). Feeders of live
-    queues are idle and only cost ``timeout_s`` each."""
-    import threading
-    import time
-
-    me = threading.current_thread()
-    feeders = [t for t in threading.enumerate() if t.name == "QueueFeederThread" and t is not me]
-    for thread in feeders:
-        thread.join(timeout_s)
-    if feeders:
-        time.sleep(0.01)  # the joined thread's last step (deleting its state) follows its join by a few instructions
 
 
 def skipped_shards() -> int:
@@ -185,10 +198,12 @@ class _ShardRead:
 
     def __init__(self, handler: Callable):
         self.handler, self.errors, self.gave_up = handler, [], False
+        self.retried_out: ReadGaveUp | None = None  # the read failed after all its retries (an outage, if repeated)
 
     def __call__(self, exn: BaseException) -> bool:
         if isinstance(exn, ShardUnavailable):
             self.gave_up = True
+            self.retried_out = exn if isinstance(exn, ReadGaveUp) else None
             return self.handler(exn)
         self.errors.append(exn)
         return True
@@ -207,9 +222,30 @@ class _ShardRead:
             self.handler(exn)
 
 
+class ShardTally:
+    """Samples read per shard by the loaders of one stream, its DataLoader workers included (shared memory, like
+    the skip counters): how an evaluation tells which shard came up short."""
+
+    def __init__(self, urls: list[str]):
+        self.index = {url: i for i, url in enumerate(urls)}
+        self.counts = worker_context().Array("q", max(1, len(urls)))  # the context the loader workers start in
+
+    def add(self, url: str, n: int) -> None:
+        with self.counts.get_lock():
+            self.counts[self.index[url]] += n
+
+    def values(self) -> list[int]:
+        return list(self.counts[: len(self.index)])
+
+    def reset(self) -> None:
+        """Back to 0: before another pass of a loader whose workers stay (``eval_loader(persistent=True)``)."""
+        with self.counts.get_lock():
+            self.counts[:] = [0] * len(self.counts)
+
+
 def _read_units(
     src: Iterable, handler: Callable, max_empty: int | None = None, remote: RemoteOptions = DEFAULT_OPTIONS,
-    sizes: dict[str, int] | None = None,
+    sizes: dict[str, int] | None = None, tally: ShardTally | None = None, outage_after: int | None = None,
 ) -> Iterator[dict]:  # fmt: skip
     """Raw samples of each unit: a shard url (str), or ``{"url", "part", "parts"}`` = every ``parts``-th sample.
 
@@ -217,8 +253,11 @@ def _read_units(
     ``handler`` once, as a :class:`ShardCutShort` (a skipped shard), whatever broke it.
     ``max_empty``: raise after that many units in a row gave no sample (an endless tape of broken shards
     would otherwise spin forever).
+    ``outage_after``: raise :class:`DataSourceOutage` once reads of that many different shards in a row gave up
+    after their retries (one broken file is skipped; the source failing for every file is an outage).
     """
     empty = 0
+    retried_out: dict[str, ReadGaveUp] = {}  # shards whose reads gave up since the last good read
     for unit in src:
         url, part, parts = (unit, 0, 1) if isinstance(unit, str) else (unit["url"], unit["part"], unit["parts"])
         n = read = 0
@@ -229,6 +268,15 @@ def _read_units(
                 n += 1
                 yield sample
         report.close(url, read, (sizes or {}).get(url))
+        if tally is not None:
+            tally.add(url, n)
+        if report.retried_out is not None:
+            retried_out[url] = report.retried_out
+            if outage_after and len(retried_out) >= outage_after:
+                raise DataSourceOutage(f"the data source is unavailable: reads of {len(retried_out)} shards in a row "
+                                       f"failed after their retries; the last: {report.retried_out}")
+        elif read:
+            retried_out.clear()
         empty = 0 if n else empty + 1
         if max_empty is not None and empty >= max_empty:
             raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}); check the set with --verify")
@@ -254,17 +302,18 @@ def _drop(src: Iterable, n: int) -> Iterator:
 drop = wds.pipelinefilter(_drop)
 
 
-@contextlib.contextmanager
-def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
-    """Seed python ``random``, numpy's global RNG and torch's CPU generator; restore all three afterwards.
-
-    Only the CPU generator is touched (``torch.manual_seed`` would also reseed CUDA in the trainer's process).
-    ``restore=False`` skips the ~0.1 ms save/restore where nobody else uses the RNGs (DataLoader workers).
-    """
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
+def seed_rngs(seed: int) -> None:
+    """Seed python ``random``, numpy's global RNG and torch's CPU generator (not CUDA's) from ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rngs(active: bool = True) -> Iterator[None]:
+    """Restore python ``random``, numpy's global RNG and torch's CPU generator on exit (``active=False``: nothing,
+    where nobody else uses them, as in DataLoader workers; the save/restore costs ~0.1 ms)."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if active else None
     try:
         yield
     finally:
@@ -274,30 +323,47 @@ def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
             torch.set_rng_state(states[2])
 
 
-def _load(sample: dict, num_classes: int) -> tuple:
+@contextlib.contextmanager
+def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """:func:`seed_rngs` inside :func:`preserved_rngs`: the caller's RNG states come back afterwards."""
+    with preserved_rngs(restore):
+        seed_rngs(seed)
+        yield
+
+
+def _load(sample: dict, num_classes: int, decode: Callable[[bytes], object] = decode_image) -> tuple:
     label = decode_label(sample, num_classes)
-    return decode_image(sample[image_key(sample)]), label
+    return decode(sample[image_key(sample)]), label
 
 
 class _TrainBatch:
-    """Chunk of raw samples -> ``(images [B,3,H,W] float32, labels [B] int64)``, corrupt ones replaced."""
+    """Chunk of raw samples -> ``(images [B,3,H,W], labels [B] int64)``, corrupt ones replaced.
+
+    The image bytes go through ``transform.decode`` when the transform has one (it may draw random numbers, e.g.
+    a crop box chosen before a reduced-size decode), else through :func:`decode_image` to a PIL image; either way
+    inside the sample's seeded RNGs. A decode error is a corrupt sample (counted, skipped); a transform error is a
+    bug and propagates."""
 
     def __init__(self, transform: Callable, num_classes: int, seed_key: tuple[int, ...], handler: CountedSkip):
         self.transform, self.num_classes, self.seed_key, self.handler = transform, num_classes, seed_key, handler
+        self.decode = getattr(transform, "decode", decode_image)
 
     def __call__(self, chunk: list[dict]) -> tuple[Tensor, Tensor]:
+        in_process = get_worker_info() is None  # the trainer's own RNG states must survive the transforms
+        with preserved_rngs(in_process):  # saved and restored once per batch, not per sample
+            return self._batch(chunk)
+
+    def _batch(self, chunk: list[dict]) -> tuple[Tensor, Tensor]:
         images, labels, errors = [], [], []
-        in_process = get_worker_info() is None  # the trainer's own RNG states must survive the transform
         for sample in chunk:
+            seed_rngs(_mix(_SAMPLE, *self.seed_key, sample["__index__"]))
             try:
-                img, label = _load(sample, self.num_classes)
+                img, label = _load(sample, self.num_classes, self.decode)
             except Exception as exn:  # a corrupt sample is skipped (counted), never a crash
                 errors.append(exn)
                 self.handler(ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {exn!r}"))
                 continue
-            # Transform errors are bugs, not bad data: they propagate.
-            with seeded_rngs(_mix(_SAMPLE, *self.seed_key, sample["__index__"]), restore=in_process):
-                images.append(self.transform(img))
+            images.append(self.transform(img))  # transform errors are bugs, not bad data: they propagate
             labels.append(label)
         if not images:
             raise RuntimeError(
@@ -339,7 +405,8 @@ def _worker_slot() -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- streams
 class TrainStream(IterableDataset):
-    """The training stream of one rank for one epoch (see the module docstring); yields whole batches."""
+    """The training stream of one rank from ``epoch`` (after ``skip_batches``) to the end of epoch
+    ``end_epoch - 1`` (default: ``epoch`` alone); yields whole batches (see the module docstring)."""
 
     def __init__(
         self,
@@ -355,6 +422,7 @@ class TrainStream(IterableDataset):
         world_size: int,
         num_batches: int,
         skip_batches: int = 0,
+        end_epoch: int | None = None,
         shuffle_buffer: int = SHUFFLE_BUFFER,
         counter=None,
         remote: RemoteOptions = DEFAULT_OPTIONS,
@@ -366,36 +434,56 @@ class TrainStream(IterableDataset):
         self.remote = remote
         self.shard_counter = shard_counter if shard_counter is not None else _shard_skip_counter()
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.end_epoch = epoch + 1 if end_epoch is None else end_epoch
+        if self.end_epoch <= epoch:
+            raise ValueError(f"end epoch {self.end_epoch}: must be after the start epoch {epoch}")
         self.rank, self.world_size = rank, world_size
         self.num_batches, self.skip_batches, self.shuffle_buffer = num_batches, skip_batches, shuffle_buffer
         self.counter = counter if counter is not None else _skip_counter()
 
     def __len__(self) -> int:
-        return self.num_batches - self.skip_batches
+        return (self.end_epoch - self.epoch) * self.num_batches - self.skip_batches
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        worker, num_workers = _worker_slot()
-        # Loader batch t comes from loader worker t % W; it must be global batch skip_batches + t.
-        return self.worker_batches((worker + self.skip_batches) % num_workers, num_workers)
+        return self.loader_worker_batches(*_worker_slot())
 
-    def worker_batches(self, worker: int, num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches of logical worker ``worker``: global batches ``worker, worker + W, ...`` not yet skipped."""
-        skip = len(range(worker, self.skip_batches, num_workers))
+    def loader_worker_batches(self, worker: int, num_workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches loader worker ``worker`` yields, epoch after epoch, in one iterator (workers start once).
+
+        Loader batch ``t`` comes from loader worker ``t % W`` (DataLoader round-robin) and must be global batch
+        ``first + t`` of the run (``first``: the position's); in epoch ``e`` that is batch ``first + t - e * N`` of
+        the epoch, made by logical worker ``(worker + first - e * N) % W``. Each epoch's stream is the one a loader
+        of that epoch alone would give: the order does not depend on where a launch started.
+        """
+        first = self.epoch * self.num_batches + self.skip_batches
+        for epoch in range(self.epoch, self.end_epoch):
+            logical = (worker + first - epoch * self.num_batches) % num_workers
+            skip = self.skip_batches if epoch == self.epoch else 0
+            yield from self.worker_batches(logical, num_workers, epoch=epoch, skip_batches=skip)
+
+    def worker_batches(self, worker: int, num_workers: int, *, epoch: int | None = None,
+                       skip_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of logical worker ``worker`` in ``epoch`` (default: the first): the epoch's global batches
+        ``worker, worker + W, ...`` from ``skip_batches`` on (default: the position's)."""
+        epoch = self.epoch if epoch is None else epoch
+        skip_batches = self.skip_batches if skip_batches is None else skip_batches
+        skip = len(range(worker, skip_batches, num_workers))
         total = len(range(worker, self.num_batches, num_workers))
         if total <= skip:
             return iter(())
         handler = CountedSkip(self.counter, f"train rank {self.rank} worker {worker}", self.shard_counter)
-        shuffle_rng = random.Random(_mix(_SHUFFLE, self.seed, self.epoch, self.rank, worker))
+        shuffle_rng = random.Random(_mix(_SHUFFLE, self.seed, epoch, self.rank, worker))
         pipeline = wds.DataPipeline(
-            functools.partial(shard_tape, self.urls, self.seed, self.epoch),
+            functools.partial(shard_tape, self.urls, self.seed, epoch),
             take_every(self.rank, self.world_size),
             take_every(worker, num_workers),
-            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, sizes=self.sizes),
+            read_units(handler=handler, max_empty=2 * len(self.urls) + 2, remote=self.remote, sizes=self.sizes,
+                       outage_after=min(OUTAGE_SHARDS, len(self.urls))),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng),
             number(),
             wds.batched(self.batch_size, collation_fn=None, partial=False),
             drop(skip),  # cheap: raw bytes, nothing decoded yet
-            wds.map(_TrainBatch(self.transform, self.num_classes, (self.seed, self.epoch, self.rank, worker), handler)),
+            wds.map(_TrainBatch(self.transform, self.num_classes, (self.seed, epoch, self.rank, worker), handler)),
         )
         return iter(pipeline.with_epoch(nbatches=total - skip))
 
@@ -433,6 +521,7 @@ class EvalStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.return_keys = max(1, num_workers), return_keys
         self.counter = counter if counter is not None else _skip_counter()
+        self.tally = ShardTally(self.urls)  # samples read per shard, across this rank's workers
 
     def _worker_units(self, worker: int, num_workers: int) -> list[dict]:
         units = eval_units(self.urls, self.world_size * num_workers)
@@ -455,7 +544,8 @@ class EvalStream(IterableDataset):
         handler = CountedSkip(self.counter, f"eval rank {self.rank} worker {worker}", self.shard_counter)
         pipeline = wds.DataPipeline(
             functools.partial(iter, self._worker_units(worker, num_workers)),
-            read_units(handler=handler, remote=self.remote, sizes=dict(zip(self.urls, self.shard_sizes))),
+            read_units(handler=handler, remote=self.remote, sizes=dict(zip(self.urls, self.shard_sizes)),
+                       tally=self.tally),
             wds.map(functools.partial(_decode_eval, num_classes=self.num_classes), handler=handler),
             wds.map(_EvalTransform(self.transform)),  # transform errors are bugs: they propagate
             wds.batched(self.batch_size, collation_fn=_collate_eval, partial=True),
@@ -493,7 +583,7 @@ def _kill_workers_at_exit() -> None:
         child.kill()
 
 
-def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, persistent: bool = False) -> DataLoader:
     global _exit_hook
     if num_workers > 0 and not _exit_hook:
         atexit.register(_kill_workers_at_exit)
@@ -505,10 +595,11 @@ def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> Dat
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=persistent and num_workers > 0,
+        prefetch_factor=PREFETCH_BATCHES if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),
         worker_init_fn=_ignore_sigterm,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
 
 
@@ -540,6 +631,7 @@ def train_loader(
     shard_dir: str | Path,
     position: StreamPosition,
     *,
+    epochs: int | None = None,
     split: str = "train",
     transform: Callable,
     batch_size: int,
@@ -547,19 +639,27 @@ def train_loader(
     pin_memory: bool = False,
     remote: RemoteOptions = DEFAULT_OPTIONS,
 ) -> DataLoader:
-    """Training batches ``(images [B,3,H,W] float32, labels [B] int64)`` at ``position``.
+    """Training batches ``(images [B,3,H,W], labels [B] int64)`` from ``position`` to the end of epoch
+    ``epochs - 1`` (the run's last; default: to the end of ``position.epoch``), in one loader: its workers start
+    once and run the epochs back to back. The images are what ``transform`` returns (float32, or uint8 for the
+    transforms that leave conversion and normalisation to the device).
 
-    Yields exactly ``position.batches - position.skip`` full batches: what the uninterrupted stream yields after
-    its first ``skip``. ``shuffle_buffer``: raw (undecoded) samples held per worker for shuffling. ``shard_dir``
-    may be a URL; ``remote`` says how it is read (retries, timeout, cache).
+    Yields exactly ``(epochs - position.epoch) * position.batches - position.skip`` full batches: what the
+    uninterrupted stream yields after the position's first ``skip`` batches. ``shuffle_buffer``: raw (undecoded)
+    samples held per worker for shuffling. ``shard_dir`` may be a URL; ``remote`` says how it is read (retries,
+    timeout, cache).
     """
     p = position
     _check_rank(p.rank, p.world, batch_size, p.workers)
+    end = p.epoch + 1 if epochs is None else epochs
+    if end <= p.epoch:
+        raise ValueError(f"epochs {epochs}: the stream position is already in epoch {p.epoch}; nothing is left")
     meta = load_meta(shard_dir, remote)
+    remote = remote.expecting(shard_files(shard_dir, meta))  # the cache checks its copies against meta.json
     stream = TrainStream(
         shard_paths(shard_dir, split, remote), num_classes=meta["num_classes"], transform=transform,
         batch_size=batch_size, seed=p.seed, shard_sizes=meta["splits"][split].get("shard_sizes"), epoch=p.epoch,
-        rank=p.rank, world_size=p.world, num_batches=p.batches, skip_batches=p.skip,
+        rank=p.rank, world_size=p.world, num_batches=p.batches, skip_batches=p.skip, end_epoch=end,
         shuffle_buffer=max(1, shuffle_buffer), remote=remote,
     )  # fmt: skip
     return _loader(stream, p.workers, pin_memory)
@@ -577,17 +677,20 @@ def eval_loader(
     return_keys: bool = False,
     pin_memory: bool = False,
     remote: RemoteOptions = DEFAULT_OPTIONS,
+    persistent: bool = False,
 ) -> DataLoader:
     """Evaluation batches ``(images [B,3,H,W], labels [B] int64)`` (``+ keys`` with ``return_keys``).
 
-    Across all ranks and workers every sample of ``split`` comes exactly once; ``len()`` is this rank's
-    batch count (ranks differ: pad with dummy steps before collective calls).
+    Across all ranks and workers every sample of ``split`` comes exactly once, at each iteration of the loader;
+    ``len()`` is this rank's batch count (ranks differ: pad with dummy steps before collective calls).
+    ``persistent``: the workers stay between iterations (a trainer evaluating again and again).
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     meta = load_meta(shard_dir, remote)
+    remote = remote.expecting(shard_files(shard_dir, meta))
     stream = EvalStream(
         shard_paths(shard_dir, split, remote), meta["splits"][split]["shard_sizes"], num_classes=meta["num_classes"],
         transform=transform, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
         return_keys=return_keys, remote=remote,
     )  # fmt: skip
-    return _loader(stream, num_workers, pin_memory)
+    return _loader(stream, num_workers, pin_memory, persistent)

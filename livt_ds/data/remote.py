@@ -14,8 +14,9 @@ A shard set location (``data.path``, ``--verify``, any ``shard_dir`` argument) i
 Shard names in meta.json resolve relative to its location (:func:`join`). A failed read (connection refused or
 dropped, timeout, HTTP 5xx/408/429, a pipe's non-zero exit) is retried up to ``retries`` times per file with
 doubling waits, and continues at the byte where it stopped, so a retried shard yields exactly the bytes of a
-local read. After the last retry :class:`ShardUnavailable` is raised; a missing file (HTTP 404/410, no such
-object) raises :class:`ShardMissing` at once, as do other HTTP 4xx answers (:class:`ShardUnavailable`).
+local read. After the last retry :class:`ReadGaveUp` (a :class:`ShardUnavailable`) is raised; a missing file (HTTP
+404/410, no such object) raises :class:`ShardMissing` at once, as do other HTTP 4xx answers
+(:class:`ShardUnavailable`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,6 +52,21 @@ class ShardMissing(ShardUnavailable, FileNotFoundError):
     """A file of a shard set does not exist (HTTP 404/410, no such object or file)."""
 
 
+class ReadGaveUp(ShardUnavailable):
+    """A read that still failed after its ``retries`` (refused or dropped connections, timeouts, HTTP 5xx)."""
+
+
+class DataSourceOutage(OSError):
+    """Reads of several shards in a row gave up after their retries: the source of the shard set, not one file, is
+    failing. The trainer saves a checkpoint and stops (see engine.py); the message names the URL and the cause."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if "Original Traceback" in text:  # re-raised by a DataLoader from its worker: the worker's own message
+            text = text.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        return text
+
+
 _DATA = DataConfig()
 
 
@@ -68,6 +84,8 @@ class RemoteOptions:
     timeout_s: float = _DATA.timeout_s  # connect / read timeout of one HTTP request
     cache_dir: str = _DATA.cache_dir  # "" = no cache
     cache_max_bytes: int = _gigabytes(_DATA.cache_max_gb)
+    # shard location -> (bytes, sha256) from the set's meta.json: what the cache checks its copies against
+    shard_files: dict[str, tuple[int, str]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.cache_max_bytes < 0:
@@ -84,7 +102,23 @@ class RemoteOptions:
             raise ConfigError(f"data.retries / retry_backoff_s / timeout_s / cache_max_gb: {exn}") from None
 
 
+    def expecting(self, shard_files: dict[str, tuple[int, str]]) -> RemoteOptions:
+        """These options, with the sizes and digests of a set's shards (``shards.shard_files``) added."""
+        return dataclasses.replace(self, shard_files={**self.shard_files, **shard_files})
+
+
 DEFAULT_OPTIONS = RemoteOptions()
+
+
+# Credential errors of the optional storage clients (botocore, google-auth, azure-core), known by name: the
+# packages themselves need not be installed for livt-ds to tell a missing credential from a bug.
+CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                               "DefaultCredentialsError", "RefreshError", "ClientAuthenticationError"})
+
+
+def is_credentials_error(exn: BaseException) -> bool:
+    """True for a storage client's "no / bad credentials" error (botocore's NoCredentialsError ...)."""
+    return any(cls.__name__ in CREDENTIAL_ERRORS for cls in type(exn).__mro__)
 
 
 # ---------------------------------------------------------------------------------------------- locations
@@ -157,6 +191,12 @@ def _open_fsspec(url: str, offset: int, timeout: float) -> tuple[Any, int | None
         stream = fs.open(path, "rb")
     except FileNotFoundError:
         raise ShardMissing(f"{url}: not found") from None
+    except Exception as exn:
+        if is_credentials_error(exn):
+            raise ShardUnavailable(f"{url}: no usable credentials ({type(exn).__name__}: {exn}); configure them for "
+                                   f"{url.split('://')[0]}:// (for s3://: AWS_PROFILE or ~/.aws/credentials), or "
+                                   "read the set through a pipe: command") from None  # fmt: skip
+        raise
     if offset:
         stream.seek(offset)
     return stream, getattr(stream, "size", None)
@@ -241,7 +281,7 @@ class ResumableStream(io.RawIOBase):
         where = f"at byte {self.pos}" + (f" of {self.size}" if self.size is not None else "")
         if self.retries_used >= self.options.retries:
             tries = self.retries_used + 1
-            raise ShardUnavailable(f"{self.url}: gave up after {tries} tries, {where}: {exn!r}") from exn
+            raise ReadGaveUp(f"{self.url}: gave up after {tries} tries, {where}: {exn!r}") from exn
         wait = min(MAX_WAIT_S, self.options.backoff_s * 2**self.retries_used) * _jitter.uniform(0.5, 1.5)
         self.retries_used += 1
         logger.warning("%s: %r %s; retry %d/%d in %.2f s", self.url, exn, where, self.retries_used,

@@ -11,6 +11,7 @@ after ``meta.json`` is written, so an interrupted run never leaves a folder that
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -42,6 +43,7 @@ from livt_ds.data.remote import (
     remove_remote,
     upload_file,
 )
+from livt_ds.data.tarstream import tar_file_samples
 from livt_ds.provenance import pid_alive
 
 FORMAT_VERSION = 1
@@ -101,6 +103,27 @@ def _check_meta(meta: dict, path: str, shard_dir: str) -> dict:
     return meta
 
 
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def shard_files(shard_dir: str | Path, meta: dict) -> dict[str, tuple[int, str]]:
+    """Location of each shard -> (size in bytes, sha256), from meta.json (empty for a set made before they were
+    recorded)."""
+    out = {}
+    for info in meta["splits"].values():
+        if "shard_sha256" in info and "shard_bytes" in info:
+            for name, size, digest in zip(info["shards"], info["shard_bytes"], info["shard_sha256"]):
+                out[join(shard_dir, name)] = (int(size), str(digest))
+    return out
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of a meta.json's content (canonical JSON): the same for every copy of a shard set, local or remote."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def shard_paths(shard_dir: str | Path, split: str, remote: RemoteOptions = DEFAULT_OPTIONS) -> list[str]:
     """Full paths (or URLs) of the tar files of ``split``, in meta.json order; an error naming the splits there."""
     meta = load_meta(shard_dir, remote)
@@ -155,7 +178,7 @@ def read_tar_samples(
         return handler(exn)
 
     with stream:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=members_handler)
+        files = tar_file_samples(stream, url, members_handler)  # webdataset's tar_file_expander, faster
         try:
             yield from wds.tariterators.group_by_keys(files, handler=handler)
         except ShardUnavailable as exn:
@@ -250,6 +273,15 @@ class ShardSetWriter:
             if not stats.shards:
                 for tar in self.partial.glob(f"{self._split}-*.tar"):
                     tar.unlink()
+
+    def record_files(self, meta: dict) -> None:
+        """Add each shard file's size and sha256 to ``meta``'s splits (``shard_bytes``, ``shard_sha256``): what a
+        reader's cache checks its copies against."""
+        self._close_split()
+        for info in meta["splits"].values():
+            files = [self.partial / name for name in info["shards"]]
+            info["shard_bytes"] = [f.stat().st_size for f in files]
+            info["shard_sha256"] = [file_sha256(f) for f in files]
 
     def commit(self, meta: dict) -> Path:
         """Write meta.json (last) and move the finished folder to ``output``; returns ``output``."""

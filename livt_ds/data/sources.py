@@ -5,15 +5,21 @@ before it touches a single image: a source builds a cheap :class:`Source` (class
 :class:`Record` lists, the paths it could not find), and :func:`load_record_bytes` fetches one image's
 encoded bytes later, inside the encoding worker pool.
 
-Formats (the split names written are always ``train`` and ``val``):
+Formats (the split names written are ``train``, ``val`` and ``test``, each when the source has it):
 
-- ``imagefolder``: ``ROOT/{train,val}/CLASS/*.{jpg,jpeg,png,...}`` (``test`` is used when ``val`` is absent);
-  class index = position in the sorted class names of ``ROOT/train``.
-- ``list``: ImageNet-LT / Places-LT list files, one ``relative/path.jpg LABEL`` per line, paths under ``--input``.
+- ``imagefolder``: ``ROOT/{train,val,test}/CLASS/*.{jpg,jpeg,png,...}``; class index = position in the sorted
+  class names of ``ROOT/train``.
+- ``list``: ImageNet-LT / Places-LT list files, one ``relative/path.jpg LABEL`` per line, paths under ``--input``
+  (``--train-list``, ``--val-list``, ``--test-list``).
 - ``inat``: iNaturalist-2018 COCO-style JSON (``images``, ``annotations``, ``categories``); labels are the
-  category ids as they are.
-- ``cifar``: the CIFAR-10/100 python pickles (``data_batch_1..5``/``test_batch`` or ``train``/``test``).
+  category ids as they are. iNat18 has no labelled test set: its val is its test (``Source.test_split`` "val").
+- ``cifar``: the CIFAR-10/100 python pickles (``data_batch_1..5``/``test_batch`` or ``train``/``test``). The
+  official test set is ``test`` with ``--val-per-class N`` (a balanced val of N images per class carved from
+  train, before any ``--imbalance``), else ``val`` and the test split too (``Source.test_split`` "val").
 - ``demo``: the built-in generated set of :mod:`livt_ds.data.demo`.
+
+``Source.test_split`` (written to meta.json as ``test_split``) names the split that is the data set's test set:
+``test`` when there is one, ``val`` where the two are the same, None when the source has no test set.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 
 SOURCE_KINDS = ("imagefolder", "list", "inat", "cifar", "demo")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")  # the demo's
 
 
 class SourceError(ValueError):
@@ -61,6 +67,7 @@ class Source:
     splits: dict[str, list[Record]]
     missing: dict[str, list[str]] = field(default_factory=dict)
     args: dict[str, str | None] = field(default_factory=dict)
+    test_split: str | None = None  # the split that is the test set; None: "test" when there is one
 
     @property
     def num_classes(self) -> int:
@@ -89,12 +96,19 @@ def open_source(
     *,
     train_list: str | Path | None = None,
     val_list: str | Path | None = None,
+    test_list: str | Path | None = None,
     num_classes: int | None = None,
+    val_per_class: int | None = None,
     seed: int = 0,
 ) -> Source:
     """Index the raw data set ``kind`` found at ``input_path`` (see the module docstring for the layouts)."""
     if kind not in SOURCE_KINDS:
         raise SourceError(f"--source {kind!r}: unknown; choose one of {', '.join(SOURCE_KINDS)}")
+    if test_list is not None and kind != "list":
+        raise SourceError(f"--test-list is for --source list (ImageNet-LT / Places-LT lists), not {kind}"
+                          + ("; put the test images under ROOT/test/CLASS" if kind == "imagefolder" else ""))
+    if val_per_class is not None and kind != "cifar":
+        raise SourceError(f"--val-per-class is for --source cifar (a balanced val carved from train), not {kind}")
     if kind == "demo":
         source = read_demo(seed)
     else:
@@ -106,11 +120,13 @@ def open_source(
         if kind == "imagefolder":
             source = read_imagefolder(root)
         elif kind == "list":
-            source = read_lists(root, train_list, val_list, num_classes=num_classes)
+            source = read_lists(root, train_list, val_list, num_classes=num_classes, test_list=test_list)
         elif kind == "inat":
             source = read_inat(root, train_list, val_list)
         else:
-            source = read_cifar(root)
+            source = read_cifar(root, val_per_class=val_per_class, seed=seed)
+    if source.test_split is None and source.splits.get("test") is not None:
+        source.test_split = "test"
     if not source.splits.get("train") and not source.missing.get("train"):
         raise SourceError(f"--source {kind} --input {input_path}: no training images found; check the path and layout")
     return source
@@ -118,7 +134,7 @@ def open_source(
 
 # ---------------------------------------------------------------------------------------------- imagefolder
 def read_imagefolder(root: Path) -> Source:
-    """``ROOT/train/CLASS/*.jpg`` (+ ``ROOT/val`` or ``ROOT/test``); classes = sorted names under train."""
+    """``ROOT/train/CLASS/*.jpg`` (+ ``ROOT/val``, ``ROOT/test``); classes = sorted names under train."""
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise SourceError(f"{train_dir}: missing; --source imagefolder expects ROOT/train/CLASS/*.jpg (and ROOT/val)")
@@ -127,15 +143,17 @@ def read_imagefolder(root: Path) -> Source:
         raise SourceError(f"{train_dir}: no class folders; expected ROOT/train/CLASS/*.jpg")
     index = {name: i for i, name in enumerate(classes)}
     splits = {"train": _folder_records(train_dir, index)}
-    val_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-    if val_dir is not None:
-        unknown = sorted(d.name for d in val_dir.iterdir() if d.is_dir() and d.name not in index)
+    for split in ("val", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        unknown = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in index)
         if unknown:
             raise SourceError(
-                f"{val_dir}: class folders {unknown[:5]} do not exist under {train_dir} (label out of range); "
+                f"{split_dir}: class folders {unknown[:5]} do not exist under {train_dir} (label out of range); "
                 "every evaluation class needs a training folder (it may be empty)"
             )
-        splits["val"] = _folder_records(val_dir, index)
+        splits[split] = _folder_records(split_dir, index)
     return Source("imagefolder", classes, splits, args={"input": str(root.resolve())})
 
 
@@ -153,14 +171,16 @@ def _folder_records(split_dir: Path, index: dict[str, int]) -> list[Record]:
 
 # ---------------------------------------------------------------------------------------------- list files
 def read_lists(
-    root: Path, train_list: str | Path | None, val_list: str | Path | None, *, num_classes: int | None = None
+    root: Path, train_list: str | Path | None, val_list: str | Path | None, *, num_classes: int | None = None,
+    test_list: str | Path | None = None,
 ) -> Source:
     """ImageNet-LT / Places-LT list files: ``relative/path.jpg LABEL`` per line, paths relative to ``root``."""
     if train_list is None:
         raise SourceError("--source list needs --train-list FILE (lines 'relative/path.jpg LABEL')")
     entries = {"train": _parse_list(Path(train_list))}
-    if val_list is not None:
-        entries["val"] = _parse_list(Path(val_list))
+    for split, listed in (("val", val_list), ("test", test_list)):
+        if listed is not None:
+            entries[split] = _parse_list(Path(listed))
     if num_classes is None:
         num_classes = 1 + max((label for _, label, _ in entries["train"]), default=-1)
     for split, rows in entries.items():
@@ -175,7 +195,8 @@ def read_lists(
     for split, rows in entries.items():
         paths = [(str(root / rel.lstrip("/")), rel, label) for rel, label, _ in rows]
         splits[split], missing[split] = _split_existing(paths)
-    args = {"input": str(root.resolve()), "train_list": _abs(train_list), "val_list": _abs(val_list)}
+    args = {"input": str(root.resolve()), "train_list": _abs(train_list), "val_list": _abs(val_list),
+            "test_list": _abs(test_list)}
     return Source("list", classes, splits, missing, args)
 
 
@@ -245,7 +266,7 @@ def read_inat(root: Path, train_json: str | Path | None, val_json: str | Path | 
         rows = _inat_rows(doc, split, num_classes, Path(train_json if split == "train" else val_json))
         splits[split], missing[split] = _split_existing([(str(root / rel), rel, label) for rel, label in rows])
     args = {"input": str(root.resolve()), "train_list": _abs(train_json), "val_list": _abs(val_json)}
-    return Source("inat", classes, splits, missing, args)
+    return Source("inat", classes, splits, missing, args, test_split="val" if "val" in splits else None)
 
 
 def _load_json(path: Path) -> dict:
@@ -284,17 +305,43 @@ _CIFAR_LAYOUTS = (
 )
 
 
-def read_cifar(root: Path) -> Source:
-    """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``, ``test``, ``meta``)."""
+def read_cifar(root: Path, *, val_per_class: int | None = None, seed: int = 0) -> Source:
+    """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``, ``test``, ``meta``).
+
+    With ``val_per_class`` N: val = N training images per class (drawn with ``seed``), test = the official test set;
+    without: val = the official test set, which is then also the test split."""
     folder, layout = _find_cifar(root)
     train_files, test_file, meta_file, label_key, names_key = layout
     with open(folder / meta_file, "rb") as f:
         classes = [n.decode() for n in pickle.load(f, encoding="bytes")[names_key]]
-    splits = {
-        "train": [r for name in train_files for r in _cifar_records(folder / name, label_key, len(classes))],
-        "val": _cifar_records(folder / test_file, label_key, len(classes)),
-    }
-    return Source("cifar", classes, splits, args={"input": str(folder.resolve())})
+    train = [r for name in train_files for r in _cifar_records(folder / name, label_key, len(classes))]
+    official_test = _cifar_records(folder / test_file, label_key, len(classes))
+    args = {"input": str(folder.resolve())}
+    if val_per_class is None:
+        return Source("cifar", classes, {"train": train, "val": official_test}, args=args, test_split="val")
+    train, val = carve_balanced(train, len(classes), val_per_class, seed)
+    args["val_per_class"] = str(val_per_class)
+    return Source("cifar", classes, {"train": train, "val": val, "test": official_test}, args=args)
+
+
+def carve_balanced(records: list[Record], num_classes: int, per_class: int, seed: int) -> tuple[list[Record],
+                                                                                                  list[Record]]:
+    """(rest, carved): ``per_class`` records of every class drawn with ``seed`` (a balanced val), and the others in
+    their order. Every class must keep at least one record."""
+    if per_class < 1:
+        raise SourceError(f"--val-per-class {per_class}: must be >= 1 image per class")
+    by_class: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        by_class.setdefault(r.label, []).append(i)
+    short = [c for c in range(num_classes) if len(by_class.get(c, [])) <= per_class]
+    if short:
+        have = min(len(by_class.get(c, [])) for c in short)
+        raise SourceError(f"--val-per-class {per_class}: class {short[0]} has only {have} training images (a val of "
+                          f"{per_class} would leave it none); choose a smaller N")
+    rng = np.random.default_rng(seed)
+    carved = {i for c in range(num_classes) for i in rng.choice(by_class[c], size=per_class, replace=False).tolist()}
+    return ([r for i, r in enumerate(records) if i not in carved],
+            [r for i, r in enumerate(records) if i in carved])
 
 
 def _find_cifar(root: Path) -> tuple[Path, tuple]:

@@ -1,17 +1,26 @@
 """Image transforms of the two LiVT stages and evaluation, plus Mixup/CutMix, all from timm/torchvision.
 
-Every transform maps an RGB PIL image to a normalised ``[3, img_size, img_size]`` float32 tensor. ``mean``
-and ``std`` (0-1 scale, per channel) come from the recipe or from the shard set's meta.json.
+The reference transforms map an RGB PIL image to a normalised ``[3, img_size, img_size]`` float32 tensor.
+``mean`` and ``std`` (0-1 scale, per channel) come from the recipe or from the shard set's meta.json.
+
+MGP training uses :class:`MgpCrop` instead of :func:`mgp_transform`: the same crop and flip, drawn with the same
+random calls, but from the encoded bytes (a JPEG is decoded at 1/2, 1/4 or 1/8 of its size when the crop stays at
+least ``img_size`` there) to a ``uint8`` tensor; :func:`to_model_input` converts and normalises the batch on the
+device.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_aa
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_image
 
 MGP_SCALE = (0.2, 1.0)  # RandomResizedCrop area range of masked generative pretraining (MAE recipe)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,6 +46,82 @@ def mgp_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) ->
             T.Normalize(mean, std),
         ]
     )
+
+
+class MgpCrop:
+    """MGP's RandomResizedCrop (scale 0.2-1, aspect 3/4-4/3, bicubic) + horizontal flip, encoded bytes -> uint8.
+
+    The crop box and the flip are drawn exactly as ``mgp_transform`` draws them (torchvision's
+    ``RandomResizedCrop.get_params`` on the full image size, then one ``torch.rand``), so both give the same geometry
+    from the same RNG state. The box is drawn from the image header, before decoding: a JPEG whose crop keeps at
+    least ``2 * img_size`` pixels on its shorter side is decoded at 1/2, 1/4 or 1/8 of its size (DCT scaling, PIL's
+    draft); otherwise torchvision's decoder reads it. The crop is resized on uint8 with torch's antialiased bicubic
+    (PIL's filter, a = -0.5; within 2 levels of PIL's output). Two steps, so that the loader tells corrupt bytes
+    (:meth:`decode` raises: a skipped sample) from bugs (:meth:`__call__` raises: an error).
+    """
+
+    REDUCTIONS = (8, 4, 2)  # the DCT scalings a JPEG decoder offers
+
+    def __init__(self, img_size: int, scale: Sequence[float] = MGP_SCALE,
+                 ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0)) -> None:
+        if img_size < 1:
+            raise ValueError(f"img_size {img_size}: must be positive")
+        self.img_size, self.scale, self.ratio = img_size, list(scale), list(ratio)
+
+    def decode(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Bytes -> (uint8 ``[3, H, W]`` pixels, crop box ``(top, left, height, width)`` in those pixels)."""
+        img = Image.open(io.BytesIO(data))  # the header only
+        width, height = img.size
+        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        factor = next((f for f in self.REDUCTIONS if min(w, h) >= 2 * f * self.img_size), 1)
+        if factor > 1 and img.format == "JPEG":
+            img.draft("RGB", (width // factor, height // factor))
+            pixels = _pil_pixels(img)
+        else:
+            pixels = _decode_pixels(data, img)
+        sy, sx = pixels.shape[1] / height, pixels.shape[2] / width
+        return pixels, (round(top * sy), round(left * sx), max(1, round(h * sy)), max(1, round(w * sx)))
+
+    def __call__(self, decoded: tuple[torch.Tensor, tuple[int, int, int, int]]) -> torch.Tensor:
+        """The crop resized to uint8 ``[3, img_size, img_size]``, flipped with probability 1/2."""
+        pixels, (top, left, h, w) = decoded
+        crop = pixels[None, :, top : top + h, left : left + w]
+        out = torch.nn.functional.interpolate(crop, size=(self.img_size, self.img_size), mode="bicubic",
+                                              antialias=True, align_corners=False)[0]
+        if torch.rand(1) < 0.5:
+            out = out.flip(-1)
+        return out
+
+
+def _pil_pixels(img: Image.Image) -> torch.Tensor:
+    """A PIL image (decoded here) as uint8 ``[3, H, W]`` with channels-last strides (torch's fast resize layout)."""
+    img.load()
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _decode_pixels(data: bytes, header: Image.Image) -> torch.Tensor:
+    """Full-size decode: torchvision's for JPEG and PNG (faster than PIL's), PIL for the rest and for what
+    torchvision declines (e.g. CMYK JPEGs); raises on corrupt data."""
+    if header.format in ("JPEG", "PNG"):
+        try:
+            chw = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return chw.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # channels-last
+        except RuntimeError:
+            pass
+    return _pil_pixels(header)
+
+
+def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A batch as the model takes it: uint8 ``[B, 3, H, W]`` (from :class:`MgpCrop`) to float32, scaled to 0-1 and
+    normalised, wherever the batch is (the device); float batches (already normalised) pass unchanged. The same
+    arithmetic as ``ToTensor`` + ``Normalize``, so the values are identical."""
+    if images.dtype != torch.uint8:
+        return images
+    x = images.float().div(255)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
 
 
 def bft_transform(

@@ -16,6 +16,7 @@ from torch import nn
 
 from livt_ds.config import ModelConfig
 from livt_ds.models.mae import MaskedAutoencoder
+from livt_ds.models.vit import fp32_head
 
 __all__ = ["ViTSize", "MODEL_SIZES", "MLP_RATIO", "get_size", "build_mae", "build_classifier"]
 
@@ -75,7 +76,8 @@ def build_classifier(model: ModelConfig, num_classes: int) -> VisionTransformer:
 
     model.global_pool "avg": mean of the patch tokens then LayerNorm (timm's `fc_norm`; the final `norm` is
     Identity); "token": the cls token after the final `norm`. The cls token exists in both cases, so the trunk's
-    keys match the MGP encoder's. Input [B,3,img_size,img_size] -> logits [B, num_classes].
+    keys match the MGP encoder's. Input [B,3,img_size,img_size] -> fp32 logits [B, num_classes]: the last
+    LayerNorm and the head compute in fp32 under a bf16 engine or autocast too (`fp32_head`).
     """
     size = get_size(model.name)
     _check_grid(model.img_size, model.patch_size)
@@ -88,6 +90,7 @@ def build_classifier(model: ModelConfig, num_classes: int) -> VisionTransformer:
         embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads, mlp_ratio=MLP_RATIO, qkv_bias=True,
         class_token=True, drop_path_rate=model.drop_path,
     )
+    fp32_head(classifier)
     assert isinstance(classifier.head, nn.Linear)
     trunc_normal_(classifier.head.weight, std=2e-5)
     nn.init.zeros_(classifier.head.bias)

@@ -1,4 +1,5 @@
-"""Classifier helpers: load an MGP (or BFT) trunk into a timm ViT classifier, resizing the pos-embed grid.
+"""Classifier helpers: load an MGP (or BFT) trunk into a timm ViT classifier, resizing the pos-embed grid, and
+run its head in fp32.
 
 MGP may run at a lower resolution than BFT (iNat18: 128 -> 224; 224 -> 384), so `pos_embed` is resampled
 bicubically when the grids differ. Everything else must match in shape; a mismatch means the checkpoint was made
@@ -12,11 +13,13 @@ import re
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["load_encoder_weights", "interpolate_pos_embed", "unwrap_state_dict"]
+__all__ = ["load_encoder_weights", "interpolate_pos_embed", "unwrap_state_dict", "Fp32LayerNorm", "Fp32Linear",
+           "fp32_head"]
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 _HEAD_PREFIXES = ("head.",)
@@ -141,3 +144,44 @@ def load_encoder_weights(
         "unexpected": sorted(k for k in matched if k not in target),
         "ignored": sorted(ignored),
     }
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the dtype of its input and weights (a bf16 engine, bf16 autocast)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class Fp32Linear(nn.Linear):
+    """Linear layer computed in fp32 whatever the dtype of its input and weights; its output is fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_head(model: VisionTransformer) -> VisionTransformer:
+    """Make the classifier's last LayerNorm (``fc_norm`` with average pooling, ``norm`` with the cls token) and its
+    ``head`` compute in fp32, in place; returns ``model``.
+
+    A bf16 head rounds the logits to 8 bits of mantissa: at thousands of classes that ties the argmax and biases
+    the calibration error. In fp32 the logits keep the trunk's precision for a negligible cost. The parameters and
+    their names stay as they are (bf16 under a bf16 engine, the same state dict keys)."""
+    for name in ("norm", "fc_norm"):
+        norm = getattr(model, name)
+        if isinstance(norm, nn.LayerNorm) and not isinstance(norm, Fp32LayerNorm):
+            fp32 = Fp32LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                                 bias=norm.bias is not None)
+            fp32.load_state_dict(norm.state_dict())
+            setattr(model, name, fp32)
+    head = model.head
+    if isinstance(head, nn.Linear) and not isinstance(head, Fp32Linear):
+        fp32 = Fp32Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        fp32.load_state_dict(head.state_dict())
+        model.head = fp32
+    return model

@@ -6,6 +6,8 @@ VENV ?= .venv
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# DeepSpeed's JIT-built CPU ops live in the venv, built once by `make venv` (not by the first test launch).
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv test lint demo compare bench clean
 
@@ -16,11 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PKGS)
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	DS_ACCELERATOR=cpu $(PY) scripts/build_ds_ops.py
 	touch $(STAMP)
 
 test: venv
 	$(PY) -m ruff check livt_ds scripts tests
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -x --durations=15 tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=15 tests
 
 lint: venv
 	$(PY) -m ruff check livt_ds scripts tests

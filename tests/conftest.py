@@ -1,21 +1,62 @@
-"""Shared fixtures: a tiny long-tailed image folder sharded once per test session, and launch helpers."""
+"""Shared fixtures and launch helpers for the suite. Reuse them rather than training new runs.
+
+Data and runs, each built once per test session (under ``pytest -n 2`` once for all workers, see ``shared_folder``):
+- ``toy_shards``: 51 long-tailed training images (24/14/8/5 over 4 classes) in 4 shards, 20 balanced val images.
+- ``pipeline_runs``: ``mgp`` (tiny MGP, ZeRO-2 fp32, 2 epochs = 6 steps, evaluated each epoch) -> ``bft`` (tiny BFT
+  from it, no mixup/cutmix) -> both exported; 2 CPU ranks under the deepspeed launcher. The launches' stdout/stderr
+  are kept as ``<run>.stdout`` / ``<run>.stderr`` beside the run folders. Treat the folders as read-only: copy
+  what a test changes.
+
+Processes: every launch runs in a session of its own and is killed, with every process it started, when it outlives
+its timeout or the test (``run_livt``, ``run_process``, ``start_process``). Before the kill each Python process of it
+is sent SIGABRT, so that faulthandler (PYTHONFAULTHANDLER=1) prints where it was stuck into the captured output.
+The suite runs with ``-n 2 --dist loadgroup`` (``make test``); tests marked ``xdist_group(name)`` run on one worker,
+one after another: ``serial`` for the timing-sensitive ones (SIGTERM, chaos).
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_COUNTS = (24, 14, 8, 5)  # a long tail over 4 classes: 51 training images
 VAL_PER_CLASS = 5
+# One launch's limit; a whole test, its fixtures included, has 300 s (pyproject's `timeout`). On a machine much slower
+# than 2 free cores raise both: LIVT_LAUNCH_TIMEOUT_S=900 pytest --timeout 1800 ...
+LAUNCH_TIMEOUT_S = float(os.environ.get("LIVT_LAUNCH_TIMEOUT_S", "240"))
+
+# DeepSpeed's JIT ops (shm comm, CPU Adam): `make venv` builds them into .venv/torch_extensions; use that copy
+# when pytest is run by hand too, instead of building another one in ~/.cache.
+if (Path(sys.prefix) / "torch_extensions").is_dir():
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--dist loadgroup`` sends the tests of one ``xdist_group`` to one worker by reading "@group" at the end of
+    their node ids. pytest-xdist 3.8 appends it through ``item._nodeid``, which pytest 9 no longer reads (node ids
+    come from ``item._id``): append it here too, in the workers, or every group would be split."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = type(item._id).parse(f"{item.nodeid}@{'_'.join(names)}")
 
 
 def _image(rng: np.random.Generator, label: int, size: int = 20) -> bytes:
@@ -41,17 +82,36 @@ def make_image_folder(root: Path, train_counts=TRAIN_COUNTS, val_per_class=VAL_P
     return root
 
 
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``name``'s folder, filled by ``build(folder)`` once per test session: under pytest-xdist the first worker
+    that asks builds it while the others wait on a file lock, then all read the same files. A build that failed
+    (no ``.done`` marker) is redone by the next asker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def toy_shards(tmp_path_factory) -> Path:
     """shards/toy-like set: 51 long-tailed training images in 4 shards, 20 balanced val images in 2 shards."""
     from livt_ds.data.make_shards import main as make_shards
 
-    root = tmp_path_factory.mktemp("toy")
-    make_image_folder(root / "raw")
-    out = root / "shards"
-    code = make_shards(["--source", "imagefolder", "--input", str(root / "raw"), "--output", str(out),
-                        "--shard-size", "14", "--workers", "1"])
-    assert code == 0
+    def build(root: Path) -> None:
+        make_image_folder(root / "raw")
+        code = make_shards(["--source", "imagefolder", "--input", str(root / "raw"), "--output",
+                            str(root / "shards"), "--shard-size", "14", "--workers", "1"])
+        assert code == 0
+
+    out = shared_folder(tmp_path_factory, "toy", build) / "shards"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["class_counts"] == list(TRAIN_COUNTS)
     return out
@@ -79,8 +139,10 @@ def launcher_env() -> dict[str, str]:
         env.pop("DS_ACCELERATOR", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a SIGABRT (sent before a hung launch is killed) prints every thread's stack
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
+    env.pop("PYTEST_XDIST_WORKER", None)
     return env
 
 
@@ -90,6 +152,98 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ processes
+_LIVE: set[subprocess.Popen] = set()  # started by start_process and not yet waited for
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (torchrun puts each rank in a session of its own: a group kill alone
+    would miss them), found through /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def kill_tree(proc: subprocess.Popen, dump_stacks: bool = True) -> None:
+    """End ``proc`` and everything it started: SIGABRT first (each Python process prints its stacks through
+    faulthandler), then SIGKILL to its process group and every descendant; reaps ``proc``."""
+    if proc.poll() is None:
+        pids = process_tree(proc.pid)
+        if dump_stacks:
+            for pid in pids:
+                _signal(pid, signal.SIGABRT)
+            time.sleep(2)
+            pids = sorted(set(pids) | set(process_tree(proc.pid)))
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    _LIVE.discard(proc)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def start_process(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` in a session of its own (the launcher, its ranks and their loader workers form one
+    process group), killed with all it started at the end of the test if it is still running then."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    _LIVE.add(proc)
+    return proc
+
+
+def finish_process(proc: subprocess.Popen, timeout: float, input: str | None = None) -> tuple[str, str]:
+    """``proc.communicate`` that never hangs: past ``timeout`` (or when the test is interrupted, e.g. by its own
+    timeout) the stacks of every process are dumped, the tree is killed and the output so far is printed."""
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException as exc:
+        kill_tree(proc)
+        out, err = proc.communicate()
+        shown = f"{' '.join(map(str, proc.args))}\n{(out or '')[-4000:]}\n{(err or '')[-12000:]}"
+        print(f"killed (stacks above the kill, if any): {shown}", file=sys.stderr)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise AssertionError(f"did not end within {timeout} s, killed: {shown}") from None
+        raise
+    _LIVE.discard(proc)
+    return out, err
+
+
+def run_process(cmd: list[str], *, timeout: float = LAUNCH_TIMEOUT_S, input: str | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` through ``start_process`` / ``finish_process``."""
+    proc = start_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.PIPE if input is not None else None, **kwargs)
+    out, err = finish_process(proc, timeout, input)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """Whatever a test started and left running is killed (with its stacks dumped) when the test ends."""
+    yield
+    for proc in list(_LIVE):
+        kill_tree(proc, dump_stacks=proc.poll() is None)
 
 
 def launch_command(ranks: int, launcher: str = "torchrun") -> list[str]:
@@ -105,7 +259,7 @@ def launch_command(ranks: int, launcher: str = "torchrun") -> list[str]:
 
 
 def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check: bool = True,
-             timeout: int = 600, launcher: str | None = None) -> subprocess.CompletedProcess:
+             timeout: float = LAUNCH_TIMEOUT_S, launcher: str | None = None) -> subprocess.CompletedProcess:
     """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0). A test that
     reads the exit code (``check=False``) gets the deepspeed launcher by default: it passes a rank's exit code on,
     while torchrun reports every failure as 1."""
@@ -114,7 +268,7 @@ def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check:
         cmd = [*launch_command(ranks, launcher), *args]
     else:
         cmd = [sys.executable, "-m", "livt_ds", *args]
-    result = subprocess.run(cmd, cwd=cwd or REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+    result = run_process(cmd, cwd=cwd or REPO, env=launcher_env(), timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
@@ -133,15 +287,25 @@ MGP_ARGS = ["--config", "configs/tiny_mgp.yaml", "--ds-config", "ds_configs/cpu_
 BFT_ARGS = ["--config", "configs/tiny_bft.yaml", "--ds-config", "ds_configs/cpu_fp32.json"]
 
 
+def _keep_output(result: subprocess.CompletedProcess, stem: Path) -> None:
+    stem.with_suffix(".stdout").write_text(result.stdout)
+    stem.with_suffix(".stderr").write_text(result.stderr)
+
+
 @pytest.fixture(scope="session")
-def pipeline_runs(toy_shards, tmp_path_factory):
-    """MGP -> BFT (from the MGP run) -> export, under the deepspeed launcher with 2 CPU ranks; shared by the
-    test files that need trained runs (test_training, test_predict)."""
-    out = tmp_path_factory.mktemp("runs")
-    data = f"data.path={toy_shards}"
-    run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "mgp"), data, "train.epochs=2"], launcher="deepspeed")
-    run_livt(["finetune", *BFT_ARGS, "--output", str(out / "bft"), data, f"model.init={out / 'mgp'}", "train.epochs=2",
-              "augment.mixup=0", "augment.cutmix=0"], launcher="deepspeed")
-    run_livt(["export", str(out / "bft")], ranks=0)
-    run_livt(["export", str(out / "mgp")], ranks=0)
-    return out
+def pipeline_runs(toy_shards, tmp_path_factory) -> Path:
+    """MGP -> BFT (from the MGP run) -> export, under the deepspeed launcher with 2 CPU ranks, trained once per
+    session; ``mgp`` is also the uninterrupted ZeRO-2 MGP run the resume and HTTP tests compare with."""
+    def build(out: Path) -> None:
+        data = f"data.path={toy_shards}"
+        _keep_output(run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "mgp"), data, "train.epochs=2"],
+                              launcher="deepspeed"), out / "mgp")
+        _keep_output(run_livt(["finetune", *BFT_ARGS, "--output", str(out / "bft"), data, f"model.init={out / 'mgp'}",
+                               "train.epochs=2", "augment.mixup=0", "augment.cutmix=0"], launcher="deepspeed"),
+                     out / "bft")
+        from livt_ds.weights import export
+
+        export(out / "bft")  # what `livt export RUN` runs, without another interpreter start-up
+        export(out / "mgp")
+
+    return shared_folder(tmp_path_factory, "pipeline", build)

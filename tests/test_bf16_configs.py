@@ -1,22 +1,24 @@
 """Every shipped bf16 DeepSpeed config, end to end on 2 CPU ranks (gloo; DeepSpeed runs bf16 on CPU), or on the
 GPUs with LIVT_TEST_DEVICE=cuda (scripts/gpu_check.sh; the world-size change needs 2 GPUs).
 
-Per config: MGP (uninterrupted) and MGP stopped at step 2 + `--resume auto` (same per-step losses), a 1-rank resume
-of the stopped run's 2-rank checkpoint through the universal format, BFT with model.init = the MGP run, `livt eval`
-of the BFT export, exports of both. Plus the dtype gradients really accumulate in, for each config.
+Per config: MGP (uninterrupted, saving a checkpoint every step), its step-2 checkpoint resumed with `--resume auto`
+in another folder (same per-step losses), the same checkpoint resumed on 1 rank through the universal format, BFT
+with model.init = the MGP run, `livt eval` of the BFT export, exports of both: 5 launches, each serving all the
+checks that read it. Plus the dtype gradients really accumulate in, for each config.
+
+Each config is one xdist group: its runs are trained once, on one worker; the configs spread over the workers.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TEST_DEVICE, free_port, launch_ranks, launcher_env, run_livt, train_losses
+from conftest import REPO, TEST_DEVICE, free_port, launch_ranks, launcher_env, run_livt, run_process, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +29,10 @@ STOP = 2
 
 
 def mgp_args(ds: str, shards: Path) -> list[str]:
+    """MGP without evaluations (no check reads them), saving every step: step 2 is the resumed checkpoint."""
     return ["--config", "configs/tiny_mgp.yaml", "--ds-config", f"ds_configs/{ds}", f"data.path={shards}",
-            "train.epochs=1", f"train.steps_per_epoch={STEPS}"]
+            "train.epochs=1", f"train.steps_per_epoch={STEPS}", "eval.every=0", "checkpoint.every_steps=1",
+            f"checkpoint.keep_last={STEPS}"]
 
 
 def bft_args(ds: str, shards: Path) -> list[str]:
@@ -36,7 +40,23 @@ def bft_args(ds: str, shards: Path) -> list[str]:
             "train.epochs=1", f"train.steps_per_epoch={STEPS}", "augment.mixup=0", "augment.cutmix=0"]
 
 
-@pytest.fixture(scope="module", params=CONFIGS)
+def stopped_at(full: Path, run: Path, step: int) -> str:
+    """``run`` as if stopped at ``step``: the uninterrupted run's checkpoints up to it, ``latest`` naming it."""
+    tag = f"step{step:08d}"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / tag, run / "checkpoints" / tag)
+    (run / "checkpoints" / "latest").write_text(tag)
+    return tag
+
+
+# Each config is one xdist group (its runs are trained once, on one worker): marks on a fixture's own params do not
+# reach xdist, so the tests take the config through indirect parametrization.
+per_config = pytest.mark.parametrize(
+    "chain", [pytest.param(c, marks=pytest.mark.xdist_group(c.removesuffix(".json")), id=c) for c in CONFIGS],
+    indirect=True)
+
+
+@pytest.fixture(scope="module")
 def chain(request, toy_shards, tmp_path_factory) -> dict:
     """The runs of one config; each assertion below reads them, none launches its own."""
     from livt_ds.weights import export
@@ -45,10 +65,10 @@ def chain(request, toy_shards, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(ds.removesuffix(".json"))
     mgp = mgp_args(ds, toy_shards)
     run_livt(["pretrain", *mgp, "--output", str(out / "mgp")])
-    run_livt(["pretrain", *mgp, "--output", str(out / "part"), f"train.stop_after_steps={STOP}"])
-    stopped_tag = (out / "part" / "checkpoints" / "latest").read_text().strip()
-    shutil.copytree(out / "part" / "checkpoints", out / "one_rank" / "checkpoints")
-    run_livt(["pretrain", *mgp, "--output", str(out / "part"), "--resume", "auto"])
+    saved = sorted(p.name for p in (out / "mgp" / "checkpoints").glob("step*"))
+    stopped_tag = stopped_at(out / "mgp", out / "part", STOP)
+    stopped_at(out / "mgp", out / "one_rank", STOP)
+    resumed = run_livt(["pretrain", *mgp, "--output", str(out / "part"), "--resume", "auto"])
     if WORLD == 2:  # the 2-rank checkpoint on 1 rank (universal format), same global batch; lr 0 keeps the weights
         run_livt(["pretrain", *mgp, "--output", str(out / "one_rank"), "train.batch_size=16", "train.lr=0",
                   "--resume", "auto", "--allow-recipe-change"], ranks=0)
@@ -57,13 +77,15 @@ def chain(request, toy_shards, tmp_path_factory) -> dict:
         export(out / run)
     run_livt(["eval", *bft_args(ds, toy_shards), "--output", str(out / "eval"),
               f"model.init={out / 'bft' / 'export' / 'model.pt'}"], ranks=0)
-    return {"ds": ds, "out": out, "stopped_tag": stopped_tag}
+    return {"ds": ds, "out": out, "stopped_tag": stopped_tag, "saved": saved,
+            "resumed_log": resumed.stdout + resumed.stderr}
 
 
 def exported(run: Path, name: str = "model.pt") -> dict[str, torch.Tensor]:
     return torch.load(run / "export" / name, map_location="cpu", weights_only=False)["model"]
 
 
+@per_config
 def test_mgp_export_holds_every_tensor_and_the_sincos_tables(chain):
     from livt_ds.config import ModelConfig
     from livt_ds.models.mae import sincos_pos_embed_2d
@@ -78,6 +100,7 @@ def test_mgp_export_holds_every_tensor_and_the_sincos_tables(chain):
     assert torch.equal(state["decoder_pos_embed"][0], sincos_pos_embed_2d(32, (4, 4)))
 
 
+@per_config
 def test_bft_starts_from_the_mgp_encoder_and_exports_every_tensor(chain):
     from livt_ds.config import ModelConfig
     from livt_ds.models.mae import sincos_pos_embed_2d
@@ -99,14 +122,17 @@ def test_bft_starts_from_the_mgp_encoder_and_exports_every_tensor(chain):
         assert ((state[key] - mgp[key]).abs() <= bound).all(), (key, (state[key] - mgp[key]).abs().max())
 
 
+@per_config
 def test_resumed_bf16_run_follows_the_uninterrupted_one(chain):
     out = chain["out"]
-    assert chain["stopped_tag"] == f"step{STOP:08d}"
+    assert chain["saved"] == [f"step{s:08d}" for s in range(1, STEPS + 1)]
     full, part = train_losses(out / "mgp"), train_losses(out / "part")
-    assert sorted(full) == sorted(part) == list(range(1, STEPS + 1))
-    assert part == full  # CPU bf16 is deterministic: the same losses, bit for bit
+    assert sorted(full) == list(range(1, STEPS + 1)) and sorted(part) == list(range(STOP + 1, STEPS + 1))
+    assert f"resumed from {out / 'part' / 'checkpoints' / chain['stopped_tag']} at step {STOP}" in chain["resumed_log"]
+    assert part == {s: full[s] for s in part}  # CPU bf16 is deterministic: the same losses, bit for bit
 
 
+@per_config
 @pytest.mark.skipif(WORLD < 2, reason="the world-size change needs 2 ranks (2 GPUs under LIVT_TEST_DEVICE=cuda)")
 def test_universal_resume_onto_one_rank(chain):
     from livt_ds.weights import consolidate
@@ -122,6 +148,7 @@ def test_universal_resume_onto_one_rank(chain):
         assert torch.equal(loaded[key], value), key
 
 
+@per_config
 def test_export_gives_the_engine_eval_metrics(chain):
     out = chain["out"]
     engine = json.loads((out / "bft" / "metrics.json").read_text())
@@ -142,7 +169,7 @@ def test_gradients_accumulate_in_fp32_on_every_shipped_bf16_config(tmp_path):
     paths = [str(REPO / "ds_configs" / name) for name in CONFIGS] + [str(tmp_path / "bf16_accum.json")]
     cmd = [sys.executable, str(REPO / "tests" / "grad_accum_probe.py"), str(free_port()), str(tmp_path / "r.json"),
            *paths]
-    result = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
+    result = run_process(cmd, cwd=REPO, env=launcher_env())
     assert result.returncode == 0, result.stderr[-4000:]
     found = {Path(r["config"]).name: r for r in json.loads((tmp_path / "r.json").read_text())}
     for name in CONFIGS:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launch_command, launcher_env, read_jsonl, run_livt, train_losses
+from conftest import REPO, launch_command, launcher_env, read_jsonl, run_livt, start_process, train_losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]  # timing-sensitive: never two at once
 
 SEED = int(os.environ.get("LIVT_CHAOS_SEED", "0"))
 # tiny_bft from scratch: 51 images / global batch 16 = 3 steps per epoch, 6 epochs = 18 steps; an evaluation at
@@ -64,8 +64,7 @@ class Launch:
         self.run, self.log = run, log
         self.started = time.time()
         with open(log, "w") as sink:  # a file, not a pipe: nobody reads while we wait, a full pipe would block
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=sink, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = start_process(cmd, cwd=REPO, env=launcher_env(), stdout=sink, stderr=subprocess.STDOUT)
 
     def status(self) -> dict | None:
         """This launch's status.json (None until rank 0 of this launch has written one)."""
@@ -282,3 +281,18 @@ def test_shards_damaged_during_training_are_skipped_and_counted(toy_shards, tmp_
     next_epoch = (damaged_after // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH  # its loader reads the damaged files
     assert next_epoch < 9, f"the damage came after step {damaged_after}: too late to be read (machine too busy?)"
     assert all(r > 0 for r in shard_reads[next_epoch:])
+
+    # the totals are the run's, not the launch's: a resume carries them on. With the shards repaired, the resumed
+    # epoch adds nothing, so each of its records holds exactly the totals saved in the checkpoint it resumed from
+    for name in ("train-000001.tar", "train-000002.tar"):
+        shutil.copy(toy_shards / name, shards / name)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    saved = json.loads((run / "checkpoints" / latest / "train_state.json").read_text())["skipped"]
+    assert saved["shards"] >= shard_reads[-1] > 0 and saved["samples"] >= samples[-1] > 0
+    run_livt(["finetune", *recipe[:recipe.index("train.epochs=3")], "train.epochs=4",
+              *recipe[recipe.index("train.epochs=3") + 1:], "--output", str(run), f"data.path={shards}",
+              "--allow-recipe-change"])
+    resumed = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and r["step"] > 9]
+    assert [r["step"] for r in resumed] == [10, 11, 12]
+    assert all(r["data/skipped_shards"] == saved["shards"] and r["data/skipped_samples"] == saved["samples"]
+               for r in resumed), (saved, resumed)

@@ -72,10 +72,42 @@ def test_round_trip_through_yaml(tmp_path):
         recipe.train.epochs = 3
 
 
-def test_all_shipped_recipes_load():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_every_shipped_recipe_round_trips_and_resolves(tmp_path):
+    """Each recipe: every value its YAML (and its bases) sets is the loaded value; saved and loaded again it is the
+    same recipe; and on 2 ranks with each shipped DeepSpeed JSON it resolves to batch = micro x accumulation x
+    world with lr = blr x batch / 256 (or train.lr)."""
+    from livt_ds.config import read_recipe_tree, resolve_ds_config
+
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    ds_paths = sorted((REPO / "ds_configs").glob("*.json"))
+    assert len(paths) >= 15 and len(ds_paths) >= 5
+    for path in paths:
         recipe = load_recipe(path)
         assert isinstance(recipe, Recipe)
+        loaded = _leaves(recipe_to_dict(recipe))
+        written = {k: v for k, v in _leaves(read_recipe_tree(path)).items() if k != "base"}
+        assert written and {k: loaded[k] for k in written} == written, path.name
+        save_recipe(recipe, tmp_path / path.name)
+        assert load_recipe(tmp_path / path.name) == recipe, path.name
+        assert recipe_from_dict(recipe_to_dict(recipe)) == recipe, path.name
+        for ds_path in ds_paths:
+            ds = resolve_ds_config(load_ds_config(ds_path), recipe, world=2)
+            batch = ds["train_batch_size"]
+            assert batch == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+            assert batch == (recipe.train.batch_size or recipe.train.micro_batch * 2), (path.name, ds_path.name)
+            expected_lr = recipe.train.lr if recipe.train.lr is not None else recipe.train.blr * batch / 256
+            assert ds["optimizer"]["params"]["lr"] == pytest.approx(expected_lr, rel=1e-12)
+            assert "auto" not in json.dumps(ds), (path.name, ds_path.name)
     for path in sorted((REPO / "ds_configs").glob("*.json")):
         ds = load_ds_config(path)
         assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed would clip at 1.0 otherwise

@@ -177,3 +177,13 @@ def test_gpu_check_passes_on_a_gpu(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
                             timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())  # what each phase really did, not only the code
+    assert summary["ok"] is True
+    phases = summary["phases"]
+    assert "e2e" in phases and any(name.startswith("bench") for name in phases), sorted(phases)
+    for name, phase in phases.items():
+        assert phase["timed_out"] is False and phase["exit_code"] == 0, (name, phase)
+        assert not [e for e in phase.get("result", {}).get("results", []) if "error" in e], name
+        assert all(e["images_per_s"] > 0 for e in phase.get("result", {}).get("results", [])), name
+    e2e = phases["e2e"]["tests"]
+    assert e2e["tests"] >= 6 and e2e["failed"] == [], e2e  # the bf16 matrix ran and passed on the GPU

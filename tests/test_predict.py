@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BFT_ARGS, REPO, make_image_folder, read_jsonl, run_livt
+from conftest import BFT_ARGS, REPO, make_image_folder, read_jsonl, run_livt, run_process
 
 from livt_ds.errors import UnsafeWeightsError
 from livt_ds.weights import load_weights
@@ -43,8 +43,8 @@ def plain_timm(export: Path, images: list[Path], tmp_path: Path) -> dict:
     script, out = tmp_path / "plain_timm.py", tmp_path / f"timm_{export.parent.name}.json"
     script.write_text(PLAIN_TIMM)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-I", str(script), str(export), *map(str, images), str(out)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_process([sys.executable, "-I", str(script), str(export), *map(str, images), str(out)],
+                         cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -266,3 +266,27 @@ def test_model_init_refuses_it_too(tmp_path):
     with pytest.raises(UnsafeWeightsError, match="refused to load"):
         FinetuneTask(recipe, meta).build_model()
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_predict_takes_safetensors_and_pt_weights_and_a_single_tar(pipeline_runs, toy_shards, val_images, tmp_path):
+    """``--model`` as the export's weights files (.safetensors, .pt) predicts what the export folder does, and a
+    single shard ``.tar`` as input gives one line per sample of that tar (keys as in the shard)."""
+    from livt_ds.predict import run_predict
+
+    export = pipeline_runs / "bft" / "export"
+    shard = toy_shards / json.loads((toy_shards / "meta.json").read_text())["splits"]["val"]["shards"][0]
+    with tarfile.open(shard) as tar:
+        keys = sorted({Path(m.name).name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    assert len(keys) >= 5
+    inputs = [str(p) for p in val_images[:4]] + [str(shard)]
+    outputs = {}
+    for name, model in (("folder", export), ("safetensors", export / "model.safetensors"),
+                        ("pt", export / "model.pt")):
+        outputs[name] = tmp_path / f"{name}.jsonl"
+        done = run_predict(str(model), inputs, outputs[name], top_k=4, num_workers=0, progress=False)
+        assert done == {**done, "images": 4 + len(keys), "errors": 0}, name
+    lines = read_jsonl(outputs["folder"])
+    assert sorted(line["path"].rsplit("#", 1)[1] for line in lines if "#" in line["path"]) == keys
+    for name in ("safetensors", "pt"):
+        assert read_jsonl(outputs[name]) == lines, name  # the same classes and probabilities, line for line

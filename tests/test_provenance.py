@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, launcher_env, read_jsonl, run_livt
+from conftest import REPO, free_port, launcher_env, read_jsonl, run_livt, start_process
 
 from livt_ds.config import load_recipe, recipe_to_dict
 from livt_ds.errors import ConfigError, RunLockedError
@@ -82,7 +82,10 @@ def test_a_lock_held_by_a_zombie_is_taken_over(tmp_path):
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # it has exited; not reaped: a zombie now
         (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": child.pid,
                                                        "started": "x"}))
-        RunLock(tmp_path).acquire().release()
+        lock = RunLock(tmp_path).acquire()
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()  # ours now, not the zombie's
+        lock.release()
+        assert not (tmp_path / "run.lock").exists()
     finally:
         child.wait()
 
@@ -150,6 +153,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_bft")
 def test_resume_with_another_loss_stops_before_anything_is_written(finished_bft, toy_shards, tmp_path):
     run = _copy(finished_bft, tmp_path)
     before = (run / "config.yaml").read_bytes(), (run / "history.jsonl").read_text()
@@ -163,20 +167,24 @@ def test_resume_with_another_loss_stops_before_anything_is_written(finished_bft,
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_bft")
 def test_bookkeeping_change_and_an_allowed_epoch_extension_are_recorded(finished_bft, toy_shards, tmp_path):
     run = _copy(finished_bft, tmp_path)
     common = [*BFT, "--output", str(run), f"data.path={toy_shards}", "model.init=", "augment.mixup=0",
               "augment.cutmix=0"]
     run_livt([*common, "train.epochs=1", "eval.every=2"])  # benign: accepted (nothing left to train)
-    run_livt([*common, "train.epochs=2", "eval.every=2", "--allow-recipe-change"])
+    # more epochs, and 2 loader workers: a stream other than the checkpoint's, which the resume must say
+    resumed = run_livt([*common, "train.epochs=2", "eval.every=2", "data.num_workers=2", "--allow-recipe-change"])
+    console = resumed.stdout + resumed.stderr
     history = read_jsonl(run / "history.jsonl")
     assert [(r["event"], r["segment"]) for r in history] == [("start", 0), ("end", 0), ("start", 1), ("end", 1),
                                                             ("start", 2), ("end", 2)]
     assert history[0]["start_step"] == 0 and history[1] == {**history[1], "end_step": 3, "reason": "finished"}
     assert history[2]["recipe_diff"] == {"eval.every": [1, 2]} and history[2]["start_step"] == 3
     assert history[3]["end_step"] == 3
-    assert history[4]["recipe_diff"] == {"train.epochs": [1, 2]}
+    assert history[4]["recipe_diff"] == {"train.epochs": [1, 2], "data.num_workers": [1, 2]}
     assert history[4]["schedule"]["change"]["total_steps"] == [3, 6]
+    assert "the data stream differs from the checkpoint's" in console and "'workers': [1, 2]" in console
     assert history[5] == {**history[5], "end_step": 6, "reason": "finished"}
     assert history[4]["world_size"] == 2 and history[4]["hosts"] == [socket.gethostname()]
     assert "--allow-recipe-change" in history[4]["command"]
@@ -187,6 +195,10 @@ def test_bookkeeping_change_and_an_allowed_epoch_extension_are_recorded(finished
     expected = {s: min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - 1 - 3) / 3)) for s in (4, 5, 6)}
     logged = {r["step"]: r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "lr" in r and r["step"] > 3}
     assert logged == pytest.approx(expected, rel=1e-9)
+    # the lr before and after the change, recorded for the first step of the new segment: the 3-step plan had
+    # reached the end of its warm-up (base lr); the 6-step plan gives the lr logged at step 4
+    assert history[4]["schedule"]["change"]["lr_at_resume"] == pytest.approx([base, expected[4]], rel=1e-9)
+    assert f"lr at step 3 {base:.3g} -> {expected[4]:.3g}" in console
 
 
 @pytest.mark.slow
@@ -196,8 +208,7 @@ def test_a_second_launch_is_refused_and_a_killed_runs_lock_does_not_block_resume
             "augment.mixup=0", "augment.cutmix=0", "checkpoint.every_steps=1", "eval.every=0"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "livt_ds", *args]
-    live = subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    live = start_process(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not (run / "checkpoints" / "latest").is_file():

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 import torch
-from conftest import launcher_env, make_image_folder, read_jsonl, run_livt, train_losses
+from conftest import launcher_env, make_image_folder, read_jsonl, run_livt, run_process, train_losses
 from datafixtures import loader_position, make_shard_set
 from httpserver import serve
 
@@ -116,9 +115,12 @@ def test_unreadable_shards_are_skipped_counted_and_ranks_stay_in_step(sets):
     before = skipped_shards()
     with serve(sets, fail=fail) as srv:
         runs = [train_batches(f"{srv.url}/broken", rank=rank, num_batches=8) for rank in range(2)]
-        assert srv.requests["/broken/train-000001.tar"] > 1 and srv.requests["/broken/train-000004.tar"] >= 1
+        failing, missing = srv.requests["/broken/train-000001.tar"], srv.requests["/broken/train-000004.tar"]
     assert [len(r) for r in runs] == [8, 8] and all(x.shape[0] == 4 for r in runs for x, _ in r)
-    assert skipped_shards() - before >= 2
+    # each visit of the 500 shard is 1 try + FAST.retries retries, each visit of the 404 shard one request (a
+    # missing file is not retried), and every visit of either is one skipped shard, no more, no less
+    assert failing > 0 and missing > 0 and failing % (1 + FAST.retries) == 0
+    assert skipped_shards() - before == failing // (1 + FAST.retries) + missing
 
 
 def test_a_set_with_no_readable_shard_fails_and_the_process_exits(sets, tmp_path):
@@ -131,8 +133,7 @@ def test_a_set_with_no_readable_shard_fails_and_the_process_exits(sets, tmp_path
             "from livt_ds.data.pipeline import StreamPosition\n"
             f"list(train_loader({str(tmp_path / 'dead')!r}, StreamPosition(0, 0, 0, 1, workers=1, batches=2), "
             "transform=pretrain_transform(16, (0.5,) * 3, (0.25,) * 3), batch_size=4))")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], env=launcher_env(), capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = run_process([sys.executable, "-c", code], env=launcher_env(), timeout=120)
     assert result.returncode == 1
     assert "shards in a row gave no sample" in result.stderr and "killed by signal" not in result.stderr
 
@@ -210,30 +211,35 @@ def test_cache_reads_each_shard_once_is_bounded_and_never_torn(sets, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- 2-rank training
 MGP_ARGS = ["--config", "configs/tiny_mgp.yaml", "--ds-config", "ds_configs/cpu_fp32.json", "train.epochs=2"]
+RETRIES = 1  # data.retries of the run over the broken set
 
 
 @pytest.fixture(scope="module")
-def http_runs(toy_shards, tmp_path_factory):
-    """The same 2-rank MGP run from the local folder, and over HTTP (every 4th shard request dropped mid-file)
-    stopped at step 4 then resumed; and one over HTTP with a shard answering 500 and another 404."""
+def http_runs(toy_shards, pipeline_runs, tmp_path_factory):
+    """The shared 2-rank MGP run from the local folder (``pipeline_runs/mgp``: this recipe), and the same over HTTP
+    (every 4th shard request dropped mid-file) stopped at step 4 then resumed; and one over HTTP with a shard
+    answering 500 and another 404."""
     out = tmp_path_factory.mktemp("http_runs")
-    root = toy_shards.parent
-    shutil.copytree(toy_shards, root / "broken", dirs_exist_ok=True)
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(toy_shards, root / toy_shards.name)
+    shutil.copytree(toy_shards, root / "broken")
     fail = {"/broken/train-000001.tar": 500, "/broken/train-000002.tar": 404}
-    run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "local"), f"data.path={toy_shards}"])
-    with serve(root, drop_every=4, fail=fail, lifetime_s=1500) as srv:  # 3 launches: about a minute on idle cores
+    shutil.copytree(pipeline_runs / "mgp", out / "local")
+    with serve(root, drop_every=4, lifetime_s=1500) as srv:  # 2 launches: about 30 s on idle cores
         url = f"{srv.url}/{toy_shards.name}"
         http = [*MGP_ARGS, "--output", str(out / "http"), f"data.path={url}", "data.retry_backoff_s=0.05"]
         run_livt(["pretrain", *http, "train.stop_after_steps=4"])
         resumed = run_livt(["pretrain", *http, "--resume", "auto"])
         drops = srv.drops
+    with serve(root, fail=fail, lifetime_s=1500) as srv:  # no drops here: each skipped read is a failing answer
         run_livt(["pretrain", *MGP_ARGS, "--output", str(out / "broken"), f"data.path={srv.url}/broken",
-                  "data.retries=1", "data.retry_backoff_s=0.05", "train.epochs=1", "eval.every=0"])  # fmt: skip
+                  f"data.retries={RETRIES}", "data.retry_backoff_s=0.05", "train.epochs=1", "eval.every=0"])
         requests = dict(srv.requests)
     return {"out": out, "drops": drops, "requests": requests, "resumed_log": resumed.stdout + resumed.stderr}
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("http_runs")
 def test_two_rank_training_over_http_with_drops_and_resume_equals_local(http_runs):
     out = http_runs["out"]
     local, http = train_losses(out / "local"), train_losses(out / "http")
@@ -249,14 +255,18 @@ def test_two_rank_training_over_http_with_drops_and_resume_equals_local(http_run
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("http_runs")
 def test_two_rank_training_skips_and_counts_unreadable_shards(http_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = http_runs["out"] / "broken"
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]  # every rank ran its batches: no hang, no rank out of step
-    assert records[-1]["data/skipped_shards"] >= 1
-    assert http_runs["requests"]["/broken/train-000001.tar"] >= 2  # the 500 was retried
+    # every visit of the 500 shard: 1 + RETRIES requests; of the 404 shard: 1 (not retried); each one skipped shard,
+    # summed over both ranks
+    failing, missing = (http_runs["requests"][f"/broken/train-00000{i}.tar"] for i in (1, 2))
+    assert failing > 0 and missing > 0 and failing % (1 + RETRIES) == 0
+    assert records[-1]["data/skipped_shards"] == failing // (1 + RETRIES) + missing
     (events,) = (run / "tensorboard").glob("events.*")
     acc = EventAccumulator(str(events))
     acc.Reload()

@@ -92,6 +92,27 @@ def test_reliability_plot_from_metrics_output(tmp_path) -> None:
     fig = report.reliability_figure(rel)
     assert len(fig.axes) == 2
     assert f"ECE {rel['ce']['ece']:.1f}%" in fig.axes[0].get_title()
+    for ax, bins in zip(fig.axes, rel.values()):  # what is drawn: the bins of each run, as metrics gave them
+        check_reliability_bars(ax, bins)
+
+
+def check_reliability_bars(ax, bins: dict) -> None:
+    """The panel's bars are the bins: accuracy bars from each non-empty bin's lower edge, the gap to the
+    confidence stacked on them, and the share of samples per bin (all bins) at the bin centres."""
+    full = [i for i, c in enumerate(bins["count"]) if c and bins["accuracy"][i] is not None]
+    acc = [bins["accuracy"][i] for i in full]
+    gap = [bins["confidence"][i] - bins["accuracy"][i] for i in full]
+    accuracy, gaps, share = ax.containers
+    assert [b.get_x() for b in accuracy] == pytest.approx([bins["bin_lower"][i] for i in full])
+    assert [b.get_width() for b in accuracy] == pytest.approx([bins["bin_upper"][i] - bins["bin_lower"][i]
+                                                              for i in full])
+    assert [b.get_height() for b in accuracy] == pytest.approx(acc, abs=1e-12)
+    assert [b.get_height() for b in gaps] == pytest.approx(gap, abs=1e-12)
+    assert [b.get_y() for b in gaps] == pytest.approx(acc, abs=1e-12)
+    total = sum(bins["count"])
+    assert [b.get_height() for b in share] == pytest.approx([c / total for c in bins["count"]], abs=1e-12)
+    centres = [(lo + hi) / 2 for lo, hi in zip(bins["bin_lower"], bins["bin_upper"])]
+    assert [b.get_x() + b.get_width() / 2 for b in share] == pytest.approx(centres)
 
 
 def test_reliability_plot_handles_empty_bins_and_missing_ece(tmp_path) -> None:
@@ -104,18 +125,29 @@ def test_reliability_plot_handles_empty_bins_and_missing_ece(tmp_path) -> None:
     }
     fig = report.reliability_figure({"only": bins})
     assert fig.axes[0].get_title() == "only"
+    check_reliability_bars(fig.axes[0], bins)  # the empty bin draws no accuracy bar and a 0 share
+    assert [b.get_height() for b in fig.axes[0].containers[0]] == pytest.approx([0.6])
+    assert [b.get_height() for b in fig.axes[0].containers[2]] == [0.0, 1.0]
     _open_png(report.plot_reliability({"only": bins}, tmp_path / "r.png"))
     with pytest.raises(ValueError, match="lacks \\['count'\\]"):
         report.reliability_figure({"bad": {k: v for k, v in bins.items() if k != "count"}})
 
 
-def test_images_for_tensorboard() -> None:
-    image = report.per_class_image({"ce": [10.0] * len(COUNTS)}, COUNTS)
-    assert image.dim() == 3 and image.shape[0] == 3 and image.dtype == torch.float32
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0
+def test_images_for_tensorboard(tmp_path) -> None:
+    """TensorBoard's images are the plots: the pixels of the PNG the same figure writes, as CHW floats in [0, 1]."""
+    def png_pixels(fig) -> torch.Tensor:
+        with Image.open(report.save_figure(fig, tmp_path / "f.png")) as png:
+            return torch.from_numpy(np.asarray(png.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+
+    per_class = {"ce": [10.0, 90.0, 50.0, 70.0, 30.0, 60.0]}
+    image = report.per_class_image(per_class, COUNTS)
+    assert image.dtype == torch.float32 and float(image.std()) > 0
+    assert torch.equal(image, png_pixels(report.per_class_accuracy_figure(per_class, COUNTS)))
     array = report.figure_to_array(report.reliability_figure({"m": _reliability()}))
     assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
-    assert report.reliability_image({"m": _reliability()}).shape == (3, *array.shape[:2])
+    expected = png_pixels(report.reliability_figure({"m": _reliability()}))
+    assert torch.equal(torch.from_numpy(array).permute(2, 0, 1).float() / 255, expected)
+    assert torch.equal(report.reliability_image({"m": _reliability()}), expected)
 
 
 def test_reconstruction_grid_layout_and_content() -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_image_folder
+from conftest import make_image_folder, run_process
 
 from livt_ds.cli import main as livt_main
 from livt_ds.data.make_shards import main as make_shards_main
@@ -43,7 +43,7 @@ def script_env() -> dict[str, str]:
 def test_bench_data_runs_and_reports_both_pipelines():
     cmd = [sys.executable, "scripts/bench_data.py", "--num-images", "24", "--workers", "0", "--batch-size", "4",
            "--img-size", "32", "--batches", "2", "--warmup", "1", "--repeats", "1"]
-    result = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    result = run_process(cmd, cwd=REPO, env=script_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["images"] == 24 and report["timed_batches"] == 2 and report["img_size"] == 32
@@ -54,6 +54,9 @@ def test_bench_data_runs_and_reports_both_pipelines():
         assert r["ratio"] == round(stream / folder, 3)
         http = r["webdataset_stream_http_localhost"]["img_s"]  # the same shards served over HTTP on localhost
         assert http > 0 and r["http_over_local"] == round(http / stream, 3)
+        # the same batches, image for image, whether the stream reads the folder or HTTP
+        assert r["webdataset_stream_http_localhost"]["checksum"] == r["webdataset_stream"]["checksum"], name
+        assert r["imagefolder"]["checksum"] != r["webdataset_stream"]["checksum"], name  # it does tell apart
         assert r["all_img_s"] == {"webdataset_stream": [stream], "imagefolder": [folder],
                                   "webdataset_stream_http_localhost": [http]}
 

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, launcher_env, run_livt, train_losses
+from conftest import (
+    LAUNCH_TIMEOUT_S,
+    REPO,
+    finish_process,
+    free_port,
+    launcher_env,
+    run_livt,
+    start_process,
+    train_losses,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +72,7 @@ def test_pretrain_writes_logs_checkpoints_and_reconstructions(pipeline_runs):
     mgp = pipeline_runs / "mgp"
     for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "metrics.json", "checkpoints/latest"):
         assert (mgp / name).exists(), name
+    assert status(mgp) == {"phase": "finished", "step": 6}
     losses = train_losses(mgp)
     assert sorted(losses) == list(range(1, 7))  # 51 images // (8 x 2 ranks) = 3 steps per epoch, 2 epochs
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
@@ -104,10 +114,13 @@ def zero3_bft(pipeline_runs, toy_shards, tmp_path_factory):
     run_livt(["finetune", "--config", "configs/tiny_bft.yaml", "--ds-config", str(out / "ds.json"), "--output",
               str(out / "bft"), f"data.path={toy_shards}", f"model.init={pipeline_runs / 'mgp'}", "train.epochs=1",
               "train.steps_per_epoch=1", "train.blr=0", "train.min_lr=0"])
-    run_livt(["export", str(out / "bft")], ranks=0)
+    from livt_ds.weights import export
+
+    export(out / "bft")
     return out / "bft"
 
 
+@pytest.mark.xdist_group("zero3_bft")
 def test_finetune_loads_the_mgp_encoder_exactly(zero3_bft, pipeline_runs):
     mgp_dir = pipeline_runs / "mgp" / "checkpoints"
     mgp = fp32_weights(mgp_dir, (mgp_dir / "latest").read_text().strip())
@@ -123,6 +136,7 @@ def test_finetune_loads_the_mgp_encoder_exactly(zero3_bft, pipeline_runs):
                                                   "norm.weight", "norm.bias"}
 
 
+@pytest.mark.xdist_group("zero3_bft")
 def test_zero3_evaluation_and_export(zero3_bft, toy_shards):
     """The ZeRO-3 engine's evaluation (weights gathered in forward, 2 ranks) equals the exported weights run
     on one process here: the same accuracy per class over the same 20 images."""
@@ -184,17 +198,22 @@ def test_export_loads_without_deepspeed_and_matches_engine_eval(pipeline_runs, t
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_follows_the_uninterrupted_run(toy_shards, tmp_path, stage):
+def test_resume_follows_the_uninterrupted_run(pipeline_runs, toy_shards, tmp_path, stage):
     ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
     ds["zero_optimization"]["stage"] = stage
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     args = ["--config", "configs/tiny_mgp.yaml", "--ds-config", str(tmp_path / "ds.json"), f"data.path={toy_shards}",
             "train.epochs=2", "eval.every=0"]
-    run_livt(["pretrain", *args, "--output", str(tmp_path / "full")])
+    if stage == 2:  # the shared MGP run is this recipe on ZeRO-2 (evaluations fork the RNG: same losses)
+        full_run = pipeline_runs / "mgp"
+        assert json.loads((full_run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    else:
+        full_run = tmp_path / "full"
+        run_livt(["pretrain", *args, "--output", str(full_run)])
     run_livt(["pretrain", *args, "--output", str(tmp_path / "part"), "train.stop_after_steps=2"])
     assert (tmp_path / "part" / "checkpoints" / "step00000002").is_dir()
     run_livt(["pretrain", *args, "--output", str(tmp_path / "part"), "--resume", "auto"])
-    full, part = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
+    full, part = train_losses(full_run), train_losses(tmp_path / "part")
     assert sorted(full) == list(range(1, 7)) and sorted(part) == list(range(1, 7))
     for step in range(1, 7):
         assert part[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
@@ -254,8 +273,7 @@ def start_long_run(out: Path, toy_shards: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "livt_ds", "pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}",
            "train.epochs=200", "eval.every=0"]
-    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return start_process(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_steps(out: Path, n: int) -> int:
@@ -281,21 +299,30 @@ def check_saved_on_sigterm(out: Path, log: str, logged_at_signal: int) -> int:
     return saved
 
 
+@pytest.mark.xdist_group("serial")
 def test_sigterm_saves_a_checkpoint_and_resume_continues(toy_shards, tmp_path):
     """Preemption: SIGTERM to every process of the job (as SLURM does) -> a checkpoint, then --resume auto."""
     out = tmp_path / "run"
     proc = start_long_run(out, toy_shards)
     logged = wait_for_steps(out, 2)
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempting the job signals all of its processes
-    log = proc.communicate(timeout=120)[0]
+    log = finish_process(proc, timeout=120)[0]
     # the single-node deepspeed runner has no SIGTERM handler: the job ends as terminated by the signal (not with
     # a crash code), after the ranks have saved
     assert proc.returncode == -signal.SIGTERM, log[-3000:]
     saved = check_saved_on_sigterm(out, log, logged)
+    assert status(out) == {"phase": "stopped", "step": saved}  # stopped by the signal, not finished
     result = run_livt(["pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}", "train.epochs=200",
                        "eval.every=0", f"train.stop_after_steps={saved + 2}"])
     assert f"resumed from {out / 'checkpoints' / f'step{saved:08d}'} at step {saved}" in result.stdout + result.stderr
     assert max(train_losses(out)) == saved + 2
+    assert status(out) == {"phase": "stopped", "step": saved + 2}  # stopped by train.stop_after_steps
+
+
+def status(run: Path) -> dict:
+    """status.json's phase and step (pid and time left out)."""
+    found = json.loads((run / "status.json").read_text())
+    return {"phase": found["phase"], "step": found["step"]}
 
 
 def rank_pid(out: Path, local_rank: int) -> int:
@@ -319,6 +346,7 @@ def rank_pid(out: Path, local_rank: int) -> int:
     return int(ranks[0])
 
 
+@pytest.mark.xdist_group("serial")
 def test_sigterm_to_one_rank_only_stops_every_rank_with_a_checkpoint(toy_shards, tmp_path):
     """SIGTERM to rank 1 alone (rank 0 never sees it): the ranks agree through the all-reduce, both save the same
     step and exit cleanly, and the launcher exits 0."""
@@ -326,7 +354,7 @@ def test_sigterm_to_one_rank_only_stops_every_rank_with_a_checkpoint(toy_shards,
     proc = start_long_run(out, toy_shards)
     logged = wait_for_steps(out, 2)
     os.kill(rank_pid(out, 1), signal.SIGTERM)
-    log = proc.communicate(timeout=300)[0]
+    log = finish_process(proc, timeout=LAUNCH_TIMEOUT_S)[0]
     assert proc.returncode == 0, log[-3000:]
     check_saved_on_sigterm(out, log, logged)
 
@@ -392,5 +420,6 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     latest = int((out / "checkpoints" / "latest").read_text().strip()[4:])
     saved = sorted(int(p.name[4:]) for p in (out / "checkpoints").glob("step*"))
     assert latest == saved[-1] < bad  # nothing written at or after the first bad step
+    assert status(out) == {"phase": "failed", "step": bad}  # the step whose loss was not finite
     losses = train_losses(out)
     assert all(math.isfinite(v) for s, v in losses.items() if s < bad)

@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import read_jsonl, run_livt, train_losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bft_runs")]  # one worker trains the runs once
 
 BFT = ["--config", "configs/tiny_bft.yaml", "--ds-config", "ds_configs/cpu_fp32.json"]
 EPOCHS, STEPS_PER_EPOCH = 3, 3  # 51 images // (8 x 2 ranks) = 3 steps per epoch

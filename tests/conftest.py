@@ -131,6 +131,11 @@ def launch_ranks(wanted: int = 2) -> int:
     return min(wanted, torch.cuda.device_count())
 
 
+# Set in this process by the tests that build an engine in-process (its process group keeps MASTER_PORT bound):
+# a launch must not inherit them, or its rendezvous collides with ours.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launcher_env() -> dict[str, str]:
     env = dict(os.environ)
     if TEST_DEVICE == "cpu":
@@ -140,9 +145,8 @@ def launcher_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONFAULTHANDLER"] = "1"  # a SIGABRT (sent before a hung launch is killed) prints every thread's stack
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("PYTEST_XDIST_WORKER", None)
+    for name in (*RENDEZVOUS_VARS, "PYTEST_XDIST_WORKER"):
+        env.pop(name, None)
     return env
 
 

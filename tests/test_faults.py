@@ -88,13 +88,15 @@ def sets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    """An export of an (untrained) tiny classifier of 16-px images: what predict needs, without a training run."""
+def tiny_export(sets, tmp_path_factory) -> Path:
+    """An export of an (untrained) tiny classifier of 16-px images trained, by its record, on the classes of ``sets``:
+    what predict and eval need, without a training run."""
     from livt_ds.config import load_recipe
     from livt_ds.hub import build_timm_model, hub_config, write_export
 
     recipe = load_recipe(REPO / "configs" / "tiny_bft.yaml", ["model.img_size=16", "model.patch_size=8"])
-    config = hub_config(recipe, "finetune", ["a", "b", "c", "d"], [6, 3, 2, 1], [0.5] * 3, [0.25] * 3)
+    meta = json.loads((sets / "s" / "meta.json").read_text())
+    config = hub_config(recipe, "finetune", meta["classes"], meta["class_counts"], [0.5] * 3, [0.25] * 3)
     folder = tmp_path_factory.mktemp("export")
     write_export(folder, config, build_timm_model(config).state_dict())
     return folder

@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from conftest import BFT_ARGS, REPO, make_image_folder, read_jsonl, run_livt, run_process
@@ -248,8 +249,11 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(UnsafeWeightsError, match="refused to load"):
         load_weights(tmp_path / "run")
     assert not marker.exists()
-    # the CLI says so and exits 2 (model.init / eval use the same load_weights)
-    result = run_livt(["predict", "--model", str(evil), "--input", str(tmp_path), "--output",
+    # the CLI says so and exits 2 (model.init / eval use the same load_weights); it reads its input first
+    images = tmp_path / "images"
+    images.mkdir()
+    PIL.Image.new("RGB", (20, 20), (90, 30, 200)).save(images / "one.png")
+    result = run_livt(["predict", "--model", str(evil), "--input", str(images), "--output",
                        str(tmp_path / "p.jsonl")], ranks=0, check=False)
     assert result.returncode == 2 and "refused to load" in result.stderr, result.stderr[-2000:]
     assert not marker.exists()

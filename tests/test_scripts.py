@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_image_folder, run_process
+from conftest import RENDEZVOUS_VARS, make_image_folder, run_process
 
 from livt_ds.cli import main as livt_main
 from livt_ds.data.make_shards import main as make_shards_main
@@ -34,7 +34,7 @@ def test_livt_shard_is_make_shards(tmp_path):
 
 
 def script_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

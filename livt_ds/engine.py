@@ -242,7 +242,8 @@ def save_for_outage(run: Run, state: TrainState, window: LossWindow, exc: DataSo
 
 def skipped_this_launch() -> dict[str, int]:
     """Corrupt samples and unreadable shard reads this launch's loaders skipped on all ranks (a collective)."""
-    counts = dist.gather_objects((skipped_samples(), skipped_shards()))
+    shards = skipped_shards()  # before the samples: a skipped shard read counts its sample first (CountedSkip)
+    counts = dist.gather_objects((skipped_samples(), shards))
     return {"samples": sum(c[0] for c in counts), "shards": sum(c[1] for c in counts)}
 
 

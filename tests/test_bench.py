@@ -83,7 +83,7 @@ def test_cpu_run_reports_every_stage_path_and_input(tiny_shards, tmp_path):
     settings = doc["settings"]
     assert settings["model"] == "vit_test" and settings["img_size"] == 32
     assert settings["num_classes"] == 4  # the shard set's meta.json drives the BFT head and the Bal-BCE prior
-    assert settings["recipes"] == {"mgp": "configs/tiny_mgp.yaml", "bft": "configs/tiny_bft.yaml"}
+    assert settings["recipes"] == {"mgp": "livt_ds/configs/tiny_mgp.yaml", "bft": "livt_ds/configs/tiny_bft.yaml"}
     tiny = {stage: load_recipe(REPO / "configs" / f"tiny_{stage}.yaml") for stage in ("mgp", "bft")}
     assert settings["batches"] == {stage: r.train.micro_batch for stage, r in tiny.items()}  # the recipes' batches
     tiny_mgp = tiny["mgp"].model  # the values come from the recipe

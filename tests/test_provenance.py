@@ -204,7 +204,7 @@ def test_bookkeeping_change_and_an_allowed_epoch_extension_are_recorded(finished
 @pytest.mark.slow
 def test_a_second_launch_is_refused_and_a_killed_runs_lock_does_not_block_resume(toy_shards, tmp_path):
     run = tmp_path / "live"
-    args = [*BFT, "--output", str(run), f"data.path={toy_shards}", "model.init=", "train.epochs=40",
+    args = [*BFT, "--output", str(run), f"data.path={toy_shards}", "model.init=", "train.epochs=400",
             "augment.mixup=0", "augment.cutmix=0", "checkpoint.every_steps=1", "eval.every=0"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "livt_ds", *args]

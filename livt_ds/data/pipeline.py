@@ -153,14 +153,16 @@ class CountedSkip:
         self.counter, self.where, self.shards = counter, where, shards
 
     def __call__(self, exn: BaseException) -> bool:
+        # the sample first: a reader that takes the shard count before the sample count (skipped_this_launch)
+        # never sees more skipped shards than samples
+        with self.counter.get_lock():
+            self.counter.value += 1
+            total = self.counter.value
         if isinstance(exn, ShardUnavailable) and self.shards is not None:
             with self.shards.get_lock():
                 self.shards.value += 1
             logger.warning("%s: skipped the rest of a shard (%d shards skipped so far): %s", self.where,
                            self.shards.value, exn)  # fmt: skip
-        with self.counter.get_lock():
-            self.counter.value += 1
-            total = self.counter.value
         logger.warning("%s: skipped a corrupt sample (%d skipped so far): %s", self.where, total, exn)
         return True
 

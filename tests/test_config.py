@@ -18,6 +18,7 @@ from livt_ds.config import (
     save_recipe,
 )
 from livt_ds.errors import ConfigError
+from livt_ds.provenance import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,16 +73,6 @@ def test_round_trip_through_yaml(tmp_path):
         recipe.train.epochs = 3
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def test_every_shipped_recipe_round_trips_and_resolves(tmp_path):
     """Each recipe: every value its YAML (and its bases) sets is the loaded value; saved and loaded again it is the
     same recipe; and on 2 ranks with each shipped DeepSpeed JSON it resolves to batch = micro x accumulation x
@@ -94,8 +85,8 @@ def test_every_shipped_recipe_round_trips_and_resolves(tmp_path):
     for path in paths:
         recipe = load_recipe(path)
         assert isinstance(recipe, Recipe)
-        loaded = _leaves(recipe_to_dict(recipe))
-        written = {k: v for k, v in _leaves(read_recipe_tree(path)).items() if k != "base"}
+        loaded = flatten(recipe_to_dict(recipe))
+        written = {k: v for k, v in flatten(read_recipe_tree(path)).items() if k != "base"}
         assert written and {k: loaded[k] for k in written} == written, path.name
         save_recipe(recipe, tmp_path / path.name)
         assert load_recipe(tmp_path / path.name) == recipe, path.name

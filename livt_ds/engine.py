@@ -10,8 +10,10 @@ evaluation, the checkpoint and the stop as they come due. What differs between t
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -124,6 +126,27 @@ def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path
                lock), state
 
 
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with dynamo off, so its ``torch.compile`` decorators leave the
+    functions as they are. DeepSpeed's ZeRO and bf16 optimizers import that module (for an ``isinstance`` check)
+    even when the optimizer is AdamW, and compiling its three kernels at import loads Inductor: about 1 s of CPU in
+    every rank's start-up, for an optimizer this run does not use. Called only when the DeepSpeed config's optimizer
+    is not Muon."""
+    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
+        return
+    previous = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # read by torch.compile when it decorates, not when the function runs
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = previous
+
+
 def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     """The task's model in a DeepSpeed engine with the optimizer from the JSON and the recipe's param groups.
     Returns (engine, optimizer, input dtype)."""
@@ -134,6 +157,8 @@ def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     groups = param_groups(model, weight_decay, recipe.train.layer_decay)
     set_plain_cuda_arch_list()  # before DeepSpeed builds an op: it cannot parse torch's "9.0a"
+    if "muon" not in str(ds_config["optimizer"].get("type", "")).lower():
+        import_muon_uncompiled()
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
     return engine, optimizer, dtype

@@ -173,7 +173,7 @@ def train(run: Run, state: TrainState) -> TrainState:
                     sigterm.set()
                     run.log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
                     break
-        evaluate_test_once(task, recipe, run.output, run.remote, state, run.log,
+        evaluate_test_once(task, run.output, run.remote, state, run.log, bf16=run.dtype == torch.bfloat16,
                            finished=state.step >= schedule.total_steps)
     return state
 

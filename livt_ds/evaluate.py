@@ -33,7 +33,6 @@ from livt_ds.run_files import (
     BEST_METRICS,
     CHECKPOINTS,
     CONFIG,
-    DS_CONFIG,
     EVAL_METRICS,
     EVALS,
     HISTORY,
@@ -134,6 +133,23 @@ def eval_folder(output: Path) -> Path:
     return Path(dist.broadcast_object(str(folder)))
 
 
+def evaluate_weights(task: FinetuneTask, weights: str | Path, remote: RemoteOptions, split: str,
+                     bf16: bool) -> EvalResult:
+    """`evaluate` of the classifier at ``weights`` (a run, checkpoint or export), built as the task's recipe
+    describes it by `load_classifier`: a plain fp32 module on every rank, no optimizer, no ZeRO, under bf16 autocast
+    on the GPU when ``bf16``."""
+    config = hub_config(task.recipe, "finetune", task.meta["classes"], task.class_counts, task.mean, task.std)
+    model, _ = load_classifier(weights, config)
+    device = next(model.parameters()).device
+    autocast = bf16 and device.type == "cuda"
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
+            return model(images)
+
+    return evaluate(task, forward, model, task.recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+
+
 def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str | None = None) -> dict[str, Any]:
     """`livt eval`: the model of ``model.init`` on ``split`` (default ``data.eval_split``; ``test`` reads the test
     split) -> metrics.json in `eval_folder` (returned as ``metrics["output"]``). The test-prior adjustment follows the
@@ -192,28 +208,12 @@ def _already_read(output: Path, last_tag: str) -> bool:
         return False
 
 
-def evaluate_weights(task: FinetuneTask, weights: str | Path, remote: RemoteOptions, split: str,
-                     bf16: bool) -> EvalResult:
-    """`evaluate` of the classifier at ``weights`` (a run, checkpoint or export), built as the task's recipe
-    describes it by `load_classifier`: a plain fp32 module on every rank, no optimizer, no ZeRO, under bf16 autocast
-    on the GPU when ``bf16``."""
-    config = hub_config(task.recipe, "finetune", task.meta["classes"], task.class_counts, task.mean, task.std)
-    model, _ = load_classifier(weights, config)
-    device = next(model.parameters()).device
-    autocast = bf16 and device.type == "cuda"
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
-            return model(images)
-
-    return evaluate(task, forward, model, task.recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
-
-
-def evaluate_test_once(task, recipe: Recipe, output: str | Path, remote, state: TrainState, log, *,
-                       finished: bool) -> dict[str, Any] | None:
+def evaluate_test_once(task: Task, output: str | Path, remote: RemoteOptions, state: TrainState, log: Logger, *,
+                       bf16: bool, finished: bool) -> dict[str, Any] | None:
     """At the end of a finished fine-tuning run (every rank calls it): the checkpoint chosen on val
     (``state.best``) and the last one (``state.step``, saved at the end), each evaluated once on the test split ->
-    ``RUN/test_metrics.json``, the log and the console.
+    ``RUN/test_metrics.json``, the log and the console; under bf16 autocast on the GPU when ``bf16`` (the run's
+    precision).
 
     Does nothing for an MGP run, a run that stopped early, a set without a test split or a test already read."""
     split = getattr(task, "test_split", None)
@@ -223,13 +223,11 @@ def evaluate_test_once(task, recipe: Recipe, output: str | Path, remote, state: 
         return None
     if dist.is_main():
         write_status(output, "eval", state.step)
-    ds_config = output / DS_CONFIG
-    bf16 = ds_config.is_file() and bool(json.loads(ds_config.read_text()).get("bf16", {}).get("enabled"))
     ckpt = checkpoint_dir(output)
     last = evaluate_weights(task, ckpt / last_tag, remote, split, bf16).metrics
     best_tag = best_tag or last_tag
     best = last if best_tag == last_tag else evaluate_weights(task, ckpt / best_tag, remote, split, bf16).metrics
-    record = {"split": split, "eval_split": recipe.data.eval_split,
+    record = {"split": split, "eval_split": task.recipe.data.eval_split,
               "best_on_val": {"checkpoint": best_tag, **best}, "last": {"checkpoint": last_tag, **last}}
     for name in ("best_on_val", "last"):
         log.scalars(state.step, {k: record[name][k] for k in SHOWN if isinstance(record[name].get(k), float)},

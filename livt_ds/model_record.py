@@ -24,7 +24,7 @@ from livt_ds.config import LossConfig, Recipe, recipe_from_dict
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta, train_class_counts
 from livt_ds.errors import CheckpointError, ConfigError
-from livt_ds.run_files import CHECKPOINTS, EXPORT
+from livt_ds.run_files import CHECKPOINTS, EXPORT, LATEST
 from livt_ds.safe_load import load_torch_file
 
 WEIGHT_FILES = ("model.safetensors", "model.pt")  # in an export folder, the first found wins
@@ -83,7 +83,7 @@ def _stale_export_note(run: Path, export_file: Path, ckpt_dir: Path, tag: str) -
     if exported is not None:
         if exported == tag or _step(exported) > _step(tag):
             return None
-    elif export_file.stat().st_mtime >= (ckpt_dir / "latest").stat().st_mtime:
+    elif export_file.stat().st_mtime >= (ckpt_dir / LATEST).stat().st_mtime:
         return None
     return (f"{run / 'export'} is of {exported or 'an older checkpoint'}, older than the run's latest checkpoint "
             f"{tag}: using {ckpt_dir / tag} (run `livt export {run}` to refresh the export)")

@@ -22,10 +22,11 @@ from livt_ds.cuda_arch import set_plain_cuda_arch_list
 from livt_ds.errors import ConfigError
 from livt_ds.models.registry import MODEL_SIZES
 from livt_ds.recipes import find, shipped_dir
+from livt_ds.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[2]
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
-STAGES = ("pretrain", "finetune")
+STAGES = tuple(TASKS)  # the trainer's stages: pretrain, finetune
 RECIPE_PREFIX = {"pretrain": "mgp", "finetune": "bft"}  # the shipped recipes are named after the methods
 PATHS = ("project", "baseline")
 INPUTS = ("synthetic", "shards")

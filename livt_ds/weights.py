@@ -113,7 +113,7 @@ def source_weights(source: ModelSource) -> dict[str, torch.Tensor]:
             return load_file(str(source.file))
         obj = load_torch_file(source.file)
         return obj.get("model", obj) if isinstance(obj, dict) else obj
-    with weights_only_loading(source.ckpt_dir / source.tag):
+    with weights_only_loading(source.ckpt_dir / source.tag), held_output():  # zero_to_fp32 prints on every rank
         return consolidate(source.ckpt_dir, source.tag)
 
 
@@ -156,9 +156,7 @@ def load_config_and_weights(path: str | Path) -> tuple[dict[str, Any], dict[str,
     source = resolve_model(path)
     if source.ckpt_dir is not None:
         config = checkpoint_config(source.ckpt_dir, source.tag)
-        with held_output():  # zero_to_fp32 prints its progress on every rank
-            weights = source_weights(source)
-        return config, model_weights(weights, config["livt"]["stage"])
+        return config, model_weights(source_weights(source), config["livt"]["stage"])
     if source.file.suffix == ".safetensors":
         if source.config is None:
             raise CheckpointError(f"{source.file}: no {CONFIG_NAME} beside it; export with `livt export RUN`")
@@ -182,11 +180,7 @@ def load_classifier(path: str | Path, config: dict[str, Any] | None = None,
     timm from ``config`` (a hub config.json; by default the weights' own record), its last LayerNorm and head in
     fp32 as in training, every weight loaded, in eval mode on ``device`` (the GPU when there is one).
     Returns (model, config)."""
-    if config is None:
-        config, weights = load_config_and_weights(path)
-    else:
-        with held_output():
-            weights = load_weights(path)
+    config, weights = load_config_and_weights(path) if config is None else (config, load_weights(path))
     if not config.get("num_classes"):
         raise CheckpointError(f"{path}: an MGP encoder (num_classes 0) has no classifier; use a BFT (finetune) "
                               "run or its export")
@@ -207,9 +201,7 @@ def initial_model(task: Task) -> nn.Module:
     init = task.recipe.model.init
     if not init or task.stage != "finetune":
         return task.build_model()
-    with held_output():  # zero_to_fp32 prints its progress on every rank
-        weights = load_weights(init)
-    return task.build_model(init=weights)
+    return task.build_model(init=load_weights(init))
 
 
 EXPORT_FILES = {"model.safetensors", "config.json", "model.pt", "encoder.pt"}

@@ -39,6 +39,7 @@ from livt_ds.seeding import seed_everything
 from livt_ds.step_feed import step_batches
 from livt_ds.tasks import Task, build_task
 from livt_ds.train_state import Schedule, TrainState
+from livt_ds.weights import initial_model
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     import deepspeed  # here, not at the top: `livt shard`, `predict` and `export` never pay for its import
 
     seed_everything(recipe.train.seed)  # identical initial weights on every rank
-    model = task.build_model()
+    model = initial_model(task)
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     groups = param_groups(model, weight_decay, recipe.train.layer_decay)
     set_plain_cuda_arch_list()  # before DeepSpeed builds an op: it cannot parse torch's "9.0a"
@@ -197,7 +198,7 @@ def train(run: Run, state: TrainState) -> TrainState:
                     sigterm.set()
                     run.log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
                     break
-        evaluate_test_once(task, recipe, run.output, run.remote, state, run.log,
+        evaluate_test_once(task, run.output, run.remote, state, run.log, bf16=run.dtype == torch.bfloat16,
                            finished=state.step >= schedule.total_steps)
     return state
 

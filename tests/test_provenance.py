@@ -182,9 +182,9 @@ def test_bookkeeping_change_and_an_allowed_epoch_extension_are_recorded(finished
     assert history[0]["start_step"] == 0 and history[1] == {**history[1], "end_step": 3, "reason": "finished"}
     assert history[2]["recipe_diff"] == {"eval.every": [1, 2]} and history[2]["start_step"] == 3
     assert history[3]["end_step"] == 3
-    assert history[4]["recipe_diff"] == {"train.epochs": [1, 2], "data.num_workers": [1, 2]}
+    assert history[4]["recipe_diff"] == {"train.epochs": [1, 2], "data.num_workers": [0, 2]}
     assert history[4]["schedule"]["change"]["total_steps"] == [3, 6]
-    assert "the data stream differs from the checkpoint's" in console and "'workers': [1, 2]" in console
+    assert "the data stream differs from the checkpoint's" in console and "'workers': [0, 2]" in console
     assert history[5] == {**history[5], "end_step": 6, "reason": "finished"}
     assert history[4]["world_size"] == 2 and history[4]["hosts"] == [socket.gethostname()]
     assert "--allow-recipe-change" in history[4]["command"]
@@ -256,9 +256,9 @@ def test_resume_from_a_copy_of_the_set_behind_a_url_with_more_retries_is_recorde
     run = _copy(finished_bft, tmp_path)
     with serve(toy_shards.parent) as srv:
         run_livt([*BFT, "--output", str(run), f"data.path={srv.url}/{toy_shards.name}/", "model.init=",
-                  "train.epochs=1", "augment.mixup=0", "augment.cutmix=0", "data.retries=9", "data.num_workers=0"])
+                  "train.epochs=1", "augment.mixup=0", "augment.cutmix=0", "data.retries=9", "data.num_workers=1"])
     start = [r for r in read_jsonl(run / "history.jsonl") if r["event"] == "start"][-1]
     assert start["changes"] == {"training": {}, "operational": {
         "data.path": [str(toy_shards), f"{srv.url}/{toy_shards.name}/"], "data.retries": [5, 9],
-        "data.num_workers": [1, 0]}}
+        "data.num_workers": [0, 1]}}
     assert start["data_sha256"] == read_jsonl(run / "history.jsonl")[0]["data_sha256"] is not None

@@ -9,7 +9,7 @@ from livt_ds.config import load_recipe, recipe_to_dict
 from livt_ds.errors import ConfigError
 from livt_ds.provenance import OPERATIONAL_KEYS, History, check_resume_recipe, is_operational
 
-OPERATIONAL = ["data.retries=20", "data.timeout_s=5", "data.cache_dir=/tmp/cache", "data.num_workers=0",
+OPERATIONAL = ["data.retries=20", "data.timeout_s=5", "data.cache_dir=/tmp/cache", "data.num_workers=2",
                "data.retry_backoff_s=3", "data.cache_max_gb=1", "log.every_steps=7", "eval.batch_size=4",
                "checkpoint.keep_last=9", "train.stop_after_steps=4"]
 
@@ -27,7 +27,7 @@ def test_operational_keys_pass_on_resume_without_the_flag():
     old = recipe("data.path=shards/toy")
     diff = check(old, recipe("data.path=shards/toy", *OPERATIONAL))
     assert set(diff) == {o.split("=")[0] for o in OPERATIONAL}
-    assert diff["data.retries"] == [5, 20] and diff["data.num_workers"] == [1, 0]
+    assert diff["data.retries"] == [5, 20] and diff["data.num_workers"] == [0, 2]
 
 
 @pytest.mark.parametrize("path", ["shards/toy/", f"{REPO}/shards/toy", f"file://{REPO}/shards/toy"])

@@ -7,8 +7,9 @@ and flips the whole batch in two batched matrix products, wherever the batch is.
 
 The resampling is the one of PIL and torch's antialiased bicubic (a = -0.5, the filter widened by the scale when
 shrinking, weights normalised per output pixel, the crop's edge pixels repeated at its borders), written as
-separable weight matrices: ``out = Wy @ crop @ Wx^T``. A flip reverses the rows of ``Wx``. The result is rounded to
-the 0-255 grid, as the uint8 path gives it.
+separable weight matrices: ``out = Wy @ (crop @ Wx^T)``. As in PIL's and torch's uint8 resamplers, the horizontal
+pass comes first and its result is rounded and clipped to 0-255 before the vertical one (bicubic overshoots at sharp
+edges; the clipping in between shows there), and so is the output. A flip reverses the rows of ``Wx``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class CropBatch:
         cols = resample_weights(self.sizes[:, 1], self.canvas.shape[3], size)  # [B, size, W]
         cols = torch.where(self.flips.view(-1, 1, 1), cols.flip(1), cols)
         pixels = self.canvas.to(torch.float32, memory_format=torch.contiguous_format)
-        out = rows.unsqueeze(1) @ pixels @ cols.transpose(1, 2).unsqueeze(1)
-        return out.round_().clamp_(0, 255)
+        across = (pixels @ cols.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)  # [B, 3, H, size]
+        return (rows.unsqueeze(1) @ across).round_().clamp_(0, 255)
 
 
 def collate_crops(crops: list[Crop], out_size: int) -> CropBatch:

@@ -14,6 +14,7 @@ from torchvision import transforms as T
 
 from livt_ds.data.device_crop import CropBatch
 from livt_ds.data.pipeline import StreamPosition, seeded_rngs, skipped_samples, train_loader
+from livt_ds.data.shards import read_tar_samples
 from livt_ds.data.transforms import PretrainCrop, to_model_input
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -83,11 +84,16 @@ def test_crop_box_draws_what_get_params_draws(height, width):
 
 
 def test_loader_workers_send_crop_batches_that_resize_where_the_batch_goes(tmp_path):
-    """A train loader with a worker (forkserver) and one without yield the same crop batches, corrupt sample
-    included: it is counted and its place taken by a good crop; every batch moves with ``.to`` and resizes to the
-    worker-resize output."""
+    """A train loader with a worker (forkserver) and one without yield the same crop batches, corrupt samples
+    included (one not an image at all, one cut in its pixels: its header reads, its decode fails): they are counted
+    and their places taken by good crops; every batch moves with ``.to`` and resizes to the worker-resize output."""
     shard_dir = make_shard_set(tmp_path / "set", 12, 6)
-    rewrite_tar(shard_dir / "train-000001.tar", lambda name, data: data[:30] if name == "train_00000007.png" else data)
+    broken = {"train_00000007.png": lambda data: data[:30], "train_00000008.png": lambda data: data[: len(data) // 2]}
+    rewrite_tar(shard_dir / "train-000001.tar", lambda name, data: broken[name](data) if name in broken else data)
+    stored = {s["__key__"]: s["png"] for s in read_tar_samples(str(shard_dir / "train-000001.tar"))}
+    cut = PretrainCrop(12).draw(stored["train_00000008"])
+    with pytest.raises(OSError):  # the cut sample fails in the decode, after its draws
+        PretrainCrop(12).load(cut)
 
     def batches(workers: int, on_device: bool) -> list:
         position = StreamPosition(seed=3, epoch=0, rank=0, world=1, workers=workers, batches=6)

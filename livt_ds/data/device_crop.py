@@ -1,12 +1,12 @@
 """MGP crops resized on the device: the loader worker decodes and cuts each crop, the trainer resizes the batch.
 
-Resizing a crop to ``img_size`` costs a loader core about a third of what decoding the JPEG does (torch's uint8
-bicubic), for work a GPU does in microseconds. So a worker sends each crop's pixels as they are, padded into one
+Resizing a crop to ``img_size`` costs a loader core about half of what decoding a pre-resized JPEG does (torch's
+uint8 bicubic), for work a GPU does in microseconds. So a worker sends each crop's pixels as they are, padded into one
 uint8 canvas per batch (:class:`CropBatch`), with their sizes and flip bits; :meth:`CropBatch.resized` then resizes
 and flips the whole batch in two batched matrix products, wherever the batch is.
 
 The resampling is the one of PIL and torch's antialiased bicubic (a = -0.5, the filter widened by the scale when
-shrinking, weights normalised per output pixel, the crop's edge pixels repeated at its borders), written as
+shrinking, the window cut at the crop's borders, weights normalised per output pixel), written as
 separable weight matrices: ``out = Wy @ (crop @ Wx^T)``. As in PIL's and torch's uint8 resamplers, the horizontal
 pass comes first and its result is rounded and clipped to 0-255 before the vertical one (bicubic overshoots at sharp
 edges; the clipping in between shows there), and so is the output. A flip reverses the rows of ``Wx``.

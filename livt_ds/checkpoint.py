@@ -225,11 +225,9 @@ def agree_on_resume(run_dir: str | Path, resume: str, world: int, **checks: Any)
         return plan, token, str(run_dir.resolve()), socket.gethostname()
 
     plan, token, main_dir, main_host = dist.on_main(decide)
-    problem = unreadable_on_this_rank(run_dir, token, plan, dist.rank())
-    problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(run_dir.resolve()), problem))
+    problems = gather_problems(unreadable_on_this_rank(run_dir, token, plan, dist.rank()), run_dir)
     if dist.is_main():
         (run_dir / SHARED_MARK).unlink(missing_ok=True)
-    problems = [p for p in problems if p]
     if problems:
         raise CheckpointError(not_shared_message(problems, main_dir, main_host, "resume"))
     return plan
@@ -266,6 +264,13 @@ def unreadable_on_this_rank(run_dir: Path, token: str, plan: ResumePlan | None, 
     return None
 
 
+def gather_problems(problem: str | None, folder: Path) -> list[tuple[int, str, str, str]]:
+    """Every rank's ``problem`` as (rank, host, ``folder`` as that rank sees it, problem), a collective; empty when
+    no rank has one."""
+    found = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(folder.resolve()), problem))
+    return [p for p in found if p]
+
+
 def not_shared_message(problems: list[tuple[int, str, str, str]], main_dir: str, main_host: str, when: str) -> str:
     """One message for every rank: which ranks (rank, host, the folder as they see it) miss what rank 0 wrote."""
     shown = "; ".join(f"rank {rank} on {host} ({folder}): {what}" for rank, host, folder, what in problems[:4])
@@ -287,8 +292,7 @@ def check_every_rank_saved(tag_dir: Path, world: int) -> None:
     if not any(name.endswith("mp_rank_00_model_states.pt") for name in names):
         missing.append("the model states")
     problem = f"sees no files of rank(s) {', '.join(map(str, missing))}" if missing else None
-    problems = dist.gather_objects(problem and (dist.rank(), socket.gethostname(), str(tag_dir.resolve()), problem))
-    problems = [p for p in problems if p]
+    problems = gather_problems(problem, tag_dir)
     if problems:
         main = dist.broadcast_object((str(tag_dir.resolve()), socket.gethostname()))
         raise CheckpointError(not_shared_message(problems, main[0], main[1], f"the save of {tag_dir.name}"))

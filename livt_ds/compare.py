@@ -31,7 +31,7 @@ import yaml
 from livt_ds import report
 from livt_ds.data.longtail import FEW_SHOT, MANY_SHOT
 from livt_ds.metrics import ECE_BINS
-from livt_ds.run_files import CONFIG, EVAL_METRICS, METRICS_LOG, RUN_INFO
+from livt_ds.run_files import CONFIG, EVAL_METRICS, METRICS_LOG, RUN_INFO, TEST_METRICS
 
 __all__ = [
     "RunResult", "load_run", "eval_history", "load_class_info", "check_seed_group", "mean_std", "mean_metrics",
@@ -71,7 +71,6 @@ _SETTINGS = (
 # The loss keys that act on each loss (others are shown as "-").
 _LOSS_KEY_USERS = {"tau": ("bal_ce", "bal_bce"), "gamma": ("focal", "cb_focal"), "beta": ("cb_ce", "cb_focal", "ldam"),
                    "max_margin": ("ldam",), "scale": ("ldam",), "drw_epoch": ("ldam",)}
-TEST_METRICS = "test_metrics.json"
 _TEST_KEYS = (("top-1", "top1"), ("many", "many"), ("medium", "medium"), ("few", "few"), ("ECE", "ece"))
 _TEST_CHECKPOINTS = (("best_on_val", "best on val"), ("last", "last"))
 

@@ -10,8 +10,10 @@ evaluation, the checkpoint and the stop as they come due. What differs between t
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ from livt_ds.seeding import seed_everything
 from livt_ds.step_feed import step_batches
 from livt_ds.tasks import Task, build_task
 from livt_ds.train_state import Schedule, TrainState
+from livt_ds.weights import initial_model
 
 
 @dataclass(frozen=True)
@@ -124,16 +127,39 @@ def open_run(stage: str, recipe: Recipe, ds_config_path: str, output: str | Path
                lock), state
 
 
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with dynamo off, so its ``torch.compile`` decorators leave the
+    functions as they are. DeepSpeed's ZeRO and bf16 optimizers import that module (for an ``isinstance`` check)
+    even when the optimizer is AdamW, and compiling its three kernels at import loads Inductor: about 1 s of CPU in
+    every rank's start-up, for an optimizer this run does not use. Called only when the DeepSpeed config's optimizer
+    is not Muon."""
+    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules:
+        return
+    previous = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # read by torch.compile when it decorates, not when the function runs
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = previous
+
+
 def build_engine(task: Task, recipe: Recipe, ds_config: dict[str, Any]):
     """The task's model in a DeepSpeed engine with the optimizer from the JSON and the recipe's param groups.
     Returns (engine, optimizer, input dtype)."""
     import deepspeed  # here, not at the top: `livt shard`, `predict` and `export` never pay for its import
 
     seed_everything(recipe.train.seed)  # identical initial weights on every rank
-    model = task.build_model()
+    model = initial_model(task)
     weight_decay = ds_config["optimizer"]["params"].get("weight_decay", 0.0)
     groups = param_groups(model, weight_decay, recipe.train.layer_decay)
     set_plain_cuda_arch_list()  # before DeepSpeed builds an op: it cannot parse torch's "9.0a"
+    if "muon" not in str(ds_config["optimizer"].get("type", "")).lower():
+        import_muon_uncompiled()
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else (torch.float16 if engine.fp16_enabled() else torch.float32)
     return engine, optimizer, dtype
@@ -172,7 +198,7 @@ def train(run: Run, state: TrainState) -> TrainState:
                     sigterm.set()
                     run.log.message(f"SIGTERM: saved a checkpoint at step {step}; continue with --resume auto")
                     break
-        evaluate_test_once(task, recipe, run.output, run.remote, state, run.log,
+        evaluate_test_once(task, run.output, run.remote, state, run.log, bf16=run.dtype == torch.bfloat16,
                            finished=state.step >= schedule.total_steps)
     return state
 

@@ -3,13 +3,12 @@
 `evaluate` runs a task's evaluation over the eval split on every rank (the caller's RNG streams untouched);
 `save_evaluation` writes what it found into a folder (``metrics.json``, ``best_metrics.json``, ``plots/``) and the
 run's log (metrics.jsonl, TensorBoard). `run_eval` is `livt eval`: a BFT model (run folder, checkpoint or export)
-consolidated to fp32 and run as a plain module (no optimizer, no ZeRO), bf16 autocast on GPU when the DeepSpeed
-config enables bf16.
+consolidated to fp32 and run as a plain module (`evaluate_weights`; built by weights.load_classifier, as for
+`livt predict`), bf16 autocast on GPU when the DeepSpeed config enables bf16.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -26,14 +25,14 @@ from livt_ds.config import Recipe, load_ds_config, save_recipe
 from livt_ds.data.pipeline import eval_loader
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta
-from livt_ds.errors import CheckpointError, ConfigError, IncompleteEvaluationError
+from livt_ds.errors import ConfigError, IncompleteEvaluationError
+from livt_ds.hub import hub_config
 from livt_ds.model_record import follow_record, model_record, resolve_model
 from livt_ds.report import save_images
 from livt_ds.run_files import (
     BEST_METRICS,
     CHECKPOINTS,
     CONFIG,
-    DS_CONFIG,
     EVAL_METRICS,
     EVALS,
     HISTORY,
@@ -46,7 +45,7 @@ from livt_ds.run_files import (
 from livt_ds.run_log import Logger
 from livt_ds.tasks import EvalResult, FinetuneTask, Task
 from livt_ds.train_state import TrainState
-from livt_ds.weights import weights_provenance
+from livt_ds.weights import load_classifier, weights_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +63,6 @@ def evaluate(task: Task, forward: Callable, model: torch.nn.Module, recipe: Reci
         if dist.is_main():
             logger.warning("partial evaluation: %s", shortfall["message"])
     return result
-
-
 
 
 def check_complete(stream: Any, scored: int | None, split: str) -> dict[str, Any] | None:
@@ -136,6 +133,23 @@ def eval_folder(output: Path) -> Path:
     return Path(dist.broadcast_object(str(folder)))
 
 
+def evaluate_weights(task: FinetuneTask, weights: str | Path, remote: RemoteOptions, split: str,
+                     bf16: bool) -> EvalResult:
+    """`evaluate` of the classifier at ``weights`` (a run, checkpoint or export), built as the task's recipe
+    describes it by `load_classifier`: a plain fp32 module on every rank, no optimizer, no ZeRO, under bf16 autocast
+    on the GPU when ``bf16``."""
+    config = hub_config(task.recipe, "finetune", task.meta["classes"], task.class_counts, task.mean, task.std)
+    model, _ = load_classifier(weights, config)
+    device = next(model.parameters()).device
+    autocast = bf16 and device.type == "cuda"
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
+            return model(images)
+
+    return evaluate(task, forward, model, task.recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+
+
 def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str | None = None) -> dict[str, Any]:
     """`livt eval`: the model of ``model.init`` on ``split`` (default ``data.eval_split``; ``test`` reads the test
     split) -> metrics.json in `eval_folder` (returned as ``metrics["output"]``). The test-prior adjustment follows the
@@ -157,20 +171,8 @@ def run_eval(recipe: Recipe, ds_config_path: str, output: str | Path, split: str
         for note in notes:
             print(f"[livt] {note}", flush=True)
     task = FinetuneTask(recipe, meta, class_counts=class_counts, trained_with=trained_with)
-    model = task.build_model()
-    missing = task.init_report["missing"]
-    if missing:
-        raise CheckpointError(f"model.init={recipe.model.init} lacks {missing[:5]} (an MGP encoder or another "
-                              "number of classes?): evaluate a BFT (finetune) run of this data set")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device).eval()
-    bf16 = bool(load_ds_config(ds_config_path).get("bf16", {}).get("enabled")) and device.type == "cuda"
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-            return model(images)
-
-    result = evaluate(task, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
+    bf16 = bool(load_ds_config(ds_config_path).get("bf16", {}).get("enabled"))
+    result = evaluate_weights(task, recipe.model.init, remote, split, bf16)
     if "incomplete" in result.metrics:  # a score over part of the split is no score of the split
         raise IncompleteEvaluationError(f"livt eval on {recipe.data.path}: {result.metrics['incomplete']['message']}")
     result.metrics["split"] = split
@@ -206,26 +208,12 @@ def _already_read(output: Path, last_tag: str) -> bool:
         return False
 
 
-def _checkpoint_metrics(task, recipe: Recipe, tag_dir: Path, split: str, remote, bf16: bool) -> dict[str, Any]:
-    """Metrics of the checkpoint ``tag_dir`` on ``split``: its fp32 weights in a plain module on every rank."""
-    loaded = FinetuneTask(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, init=str(tag_dir))),
-                          task.meta)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = loaded.build_model().to(device).eval()
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else nullcontext():
-            return model(images)
-
-    result = evaluate(loaded, forward, model, recipe, remote, lambda x: x.to(device, non_blocking=True), split=split)
-    return result.metrics
-
-
-def evaluate_test_once(task, recipe: Recipe, output: str | Path, remote, state: TrainState, log, *,
-                       finished: bool) -> dict[str, Any] | None:
+def evaluate_test_once(task: Task, output: str | Path, remote: RemoteOptions, state: TrainState, log: Logger, *,
+                       bf16: bool, finished: bool) -> dict[str, Any] | None:
     """At the end of a finished fine-tuning run (every rank calls it): the checkpoint chosen on val
     (``state.best``) and the last one (``state.step``, saved at the end), each evaluated once on the test split ->
-    ``RUN/test_metrics.json``, the log and the console.
+    ``RUN/test_metrics.json``, the log and the console; under bf16 autocast on the GPU when ``bf16`` (the run's
+    precision).
 
     Does nothing for an MGP run, a run that stopped early, a set without a test split or a test already read."""
     split = getattr(task, "test_split", None)
@@ -235,13 +223,11 @@ def evaluate_test_once(task, recipe: Recipe, output: str | Path, remote, state: 
         return None
     if dist.is_main():
         write_status(output, "eval", state.step)
-    ds_config = output / DS_CONFIG
-    bf16 = ds_config.is_file() and bool(json.loads(ds_config.read_text()).get("bf16", {}).get("enabled"))
     ckpt = checkpoint_dir(output)
-    last = _checkpoint_metrics(task, recipe, ckpt / last_tag, split, remote, bf16)
+    last = evaluate_weights(task, ckpt / last_tag, remote, split, bf16).metrics
     best_tag = best_tag or last_tag
-    best = last if best_tag == last_tag else _checkpoint_metrics(task, recipe, ckpt / best_tag, split, remote, bf16)
-    record = {"split": split, "eval_split": recipe.data.eval_split,
+    best = last if best_tag == last_tag else evaluate_weights(task, ckpt / best_tag, remote, split, bf16).metrics
+    record = {"split": split, "eval_split": task.recipe.data.eval_split,
               "best_on_val": {"checkpoint": best_tag, **best}, "last": {"checkpoint": last_tag, **last}}
     for name in ("best_on_val", "last"):
         log.scalars(state.step, {k: record[name][k] for k in SHOWN if isinstance(record[name].get(k), float)},

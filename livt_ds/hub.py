@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -96,7 +97,5 @@ def write_export(folder: Path, config: dict[str, Any], weights: dict[str, torch.
 
 def build_timm_model(config: dict[str, Any]) -> nn.Module:
     """The model config.json describes, built by timm (random weights; load the export's state dict into it)."""
-    import timm
-
     return timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
                              **config.get("model_args", {}))

@@ -13,19 +13,18 @@ the command line's recipe or the run's ``config.yaml``, which may describe somet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from livt_ds.checkpoint import find_checkpoint, saved_recipe
+from livt_ds.checkpoint import find_checkpoint, saved_recipe, saved_state
 from livt_ds.config import LossConfig, Recipe, recipe_from_dict
 from livt_ds.data.remote import RemoteOptions
 from livt_ds.data.shards import load_meta, train_class_counts
 from livt_ds.errors import CheckpointError, ConfigError
-from livt_ds.run_files import CHECKPOINTS, CONFIG, EXPORT, RUN_INFO
+from livt_ds.run_files import CHECKPOINTS, EXPORT, LATEST
 from livt_ds.safe_load import load_torch_file
 
 WEIGHT_FILES = ("model.safetensors", "model.pt")  # in an export folder, the first found wins
@@ -84,7 +83,7 @@ def _stale_export_note(run: Path, export_file: Path, ckpt_dir: Path, tag: str) -
     if exported is not None:
         if exported == tag or _step(exported) > _step(tag):
             return None
-    elif export_file.stat().st_mtime >= (ckpt_dir / "latest").stat().st_mtime:
+    elif export_file.stat().st_mtime >= (ckpt_dir / LATEST).stat().st_mtime:
         return None
     return (f"{run / 'export'} is of {exported or 'an older checkpoint'}, older than the run's latest checkpoint "
             f"{tag}: using {ckpt_dir / tag} (run `livt export {run}` to refresh the export)")
@@ -117,28 +116,17 @@ def resolve_model(path: str | Path) -> ModelSource:
 
 
 def checkpoint_recipe(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """The recipe a checkpoint was trained with (its client state); for a checkpoint of an earlier version without
-    one, the run's ``config.yaml``."""
+    """The recipe a checkpoint was trained with (saved in its client state)."""
     recipe = saved_recipe(ckpt_dir / tag)
-    if recipe is not None:
-        return recipe
-    config = ckpt_dir.parent / CONFIG
-    if ckpt_dir.name == CHECKPOINTS and config.is_file():
-        return yaml.safe_load(config.read_text())
-    raise CheckpointError(f"{ckpt_dir / tag}: no recipe saved with the checkpoint and no run config.yaml beside it")
+    if recipe is None:
+        raise CheckpointError(f"{ckpt_dir / tag}: no recipe saved with the checkpoint; it was not written by "
+                              "livt pretrain / finetune")
+    return recipe
 
 
-def checkpoint_stage(ckpt_dir: Path, tag: str, recipe: dict[str, Any]) -> str:
-    """``pretrain`` or ``finetune``: from the checkpoint's training state, else the run's run.yaml."""
-    state = ckpt_dir / tag / "train_state.json"
-    if state.is_file():
-        stage = json.loads(state.read_text()).get("stage")
-        if stage:
-            return stage
-    run_yaml = ckpt_dir.parent / RUN_INFO
-    if run_yaml.is_file():
-        return (yaml.safe_load(run_yaml.read_text()) or {}).get("stage") or "finetune"
-    return "finetune"
+def checkpoint_stage(ckpt_dir: Path, tag: str) -> str:
+    """``pretrain`` or ``finetune``: the stage the checkpoint's training state records."""
+    return saved_state(ckpt_dir / tag).stage
 
 
 def _loss(recipe: dict[str, Any] | None) -> dict[str, Any]:
@@ -178,7 +166,7 @@ def model_record(source: ModelSource, fallback_meta: dict | None = None) -> Mode
     recipe = checkpoint_recipe(source.ckpt_dir, source.tag)
     meta = recipe_meta(recipe, fallback_meta)
     counts = train_class_counts(meta, recipe_from_dict(recipe).data.train_split)
-    return ModelRecord(checkpoint_stage(source.ckpt_dir, source.tag, recipe), _loss(recipe), list(meta["classes"]),
+    return ModelRecord(checkpoint_stage(source.ckpt_dir, source.tag), _loss(recipe), list(meta["classes"]),
                        counts, recipe, str(source.ckpt_dir / source.tag))
 
 
@@ -188,8 +176,6 @@ def follow_record(recipe: Recipe, record: ModelRecord | None, meta: dict,
     dict the adjustment follows (the model's: its loss keys and epochs), the model's training class counts, and
     notes for the user. The command line's loss never relabels a model: a different one is ignored, with a note.
     A model of other classes than the evaluated shard set's is refused."""
-    import dataclasses
-
     if record is None:
         return recipe, None, None, [f"model.init={model} carries no record of its training (a .safetensors without "
                                     f"config.json): the test-prior adjustment uses --config's loss {recipe.loss.name}"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +25,18 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from tqdm import tqdm
 
-from livt_ds.config import recipe_from_dict
 from livt_ds.data.pipeline import worker_context
 from livt_ds.data.remote import is_url, local_path, open_url
 from livt_ds.data.shards import decode_image, image_key, read_tar_samples, shard_paths
 from livt_ds.data.transforms import eval_transform
-from livt_ds.errors import CheckpointError, NothingPredictedError
-from livt_ds.hub import CONFIG_NAME, build_timm_model, hub_config, model_weights
-from livt_ds.model_record import resolve_model
+from livt_ds.errors import NothingPredictedError
 from livt_ds.priors import recipe_prior_adjustment, resolve_prior
-from livt_ds.safe_load import load_torch_file
-from livt_ds.weights import run_export_config, source_weights
+from livt_ds.weights import load_classifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
-
-
 
 
 @dataclass
@@ -57,55 +53,16 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def load_config_and_weights(spec: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(hub config, timm state dict) of an export folder, a run folder (its export while it is of the latest
-    checkpoint, else that checkpoint), a .safetensors file (config.json beside it) or a livt .pt export. Weights are
-    never unpickled beyond plain data (livt_ds/safe_load.py)."""
-    source = resolve_model(spec)
-    if source.ckpt_dir is not None:  # a run without a current export: consolidate its latest checkpoint
-        if source.run_dir is None:
-            raise CheckpointError(f"--model {spec}: a checkpoint outside a run folder; give the run folder or an "
-                                  "export (`livt export RUN`)")
-        config = run_export_config(source.run_dir, source.tag)
-        return config, model_weights(source_weights(source), config["livt"]["stage"])
-    path = source.file
-    if path.suffix == ".safetensors":
-        if source.config is None:
-            raise CheckpointError(f"--model {path}: no {CONFIG_NAME} beside it; export with `livt export RUN`")
-        return json.loads(source.config.read_text()), source_weights(source)
-    payload = load_torch_file(path)
-    if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
-        raise CheckpointError(f"--model {path}: not a livt export with class names; use the export folder "
-                              "(config.json + model.safetensors) or re-export with `livt export RUN`")
-    recipe = recipe_from_dict(payload["recipe"])
-    mean, std = recipe.data.mean or payload.get("mean"), recipe.data.std or payload.get("std")
-    if mean is None or std is None:
-        raise CheckpointError(f"--model {path}: no normalisation recorded; use the export folder instead")
-    config = hub_config(recipe, payload.get("stage") or "finetune", payload["class_names"],
-                        payload["class_counts"], mean, std, tag=payload.get("tag"))
-    return config, model_weights(payload["model"], config["livt"]["stage"])
-
-
 def load_predictor(spec: str | Path, test_prior: str | None = None, device: torch.device | None = None) -> Predictor:
     """The classifier of ``spec`` in eval mode on ``device``, with the logit adjustment for ``test_prior``."""
-    config, weights = load_config_and_weights(spec)
-    if not config.get("num_classes"):
-        raise CheckpointError(f"--model {spec}: an MGP encoder (num_classes 0) has no classifier; predict with a "
-                              "BFT (finetune) run or its export")
-    model = build_timm_model(config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"--model {spec}: weights do not fit {config['architecture']} with "
-                              f"{config.get('model_args')}: {str(exc)[:600]}") from None
+    model, config = load_classifier(spec, device=device)
     adjustment = torch.zeros(config["num_classes"])
     if test_prior:
         livt = config["livt"]
         prior = resolve_prior(test_prior, livt["class_counts"], config["label_names"])
         adjustment = recipe_prior_adjustment(livt["class_counts"], {"loss": livt["loss"], **livt.get("recipe", {})},
                                              prior)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Predictor(model.to(device).eval(), config, adjustment.to(device))
+    return Predictor(model, config, adjustment.to(next(model.parameters()).device))
 
 
 def predictor_transform(config: dict[str, Any]) -> Callable:
@@ -285,8 +242,6 @@ def run_predict(
                             ShardImages(tars, transform) if tars else None) if d is not None]
     writer = _Writer(Path(output), top_k)
     counts = {"images": 0, "errors": 0}
-    from tqdm import tqdm
-
     total = len(files) + sum(_shard_size_hint(t) for t in tars)
     bar = tqdm(total=total or None, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
     try:
@@ -323,11 +278,9 @@ def _shard_size_hint(url: str) -> int:
 
 
 def default_workers() -> int:
-    import os
-
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 __all__ = ["NothingPredictedError",
-           "Predictor", "load_predictor", "load_config_and_weights", "collect_inputs", "predict_batch", "run_predict",
+           "Predictor", "load_predictor", "collect_inputs", "predict_batch", "run_predict",
            "predictor_transform", "default_workers"]

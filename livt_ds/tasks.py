@@ -5,7 +5,7 @@ The training loop (engine.py) and `livt eval` (evaluate.py) are shared; they onl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -14,7 +14,6 @@ from torch import nn
 
 from livt_ds import dist, report
 from livt_ds.config import Recipe, check_loss_targets, recipe_to_dict
-from livt_ds.console import held_output
 from livt_ds.data import transforms
 from livt_ds.data.shards import train_class_counts
 from livt_ds.data.transforms import normalisation, to_model_input
@@ -25,7 +24,6 @@ from livt_ds.models.registry import build_classifier, build_mae
 from livt_ds.models.vit import load_encoder_weights
 from livt_ds.priors import expected_accuracy, recipe_prior_adjustment, resolve_prior, standard_prior_names
 from livt_ds.test_split import resolve_test_split
-from livt_ds.weights import load_weights
 
 Forward = Callable[[torch.Tensor], Any]
 
@@ -44,7 +42,11 @@ class Task(Protocol):
     stage: str  # "pretrain" | "finetune": names the checkpoint kind and the run
     best_metric: tuple[str, str]  # (metric of `evaluate`, "min" | "max"): which evaluation is the best
 
-    def build_model(self) -> nn.Module: ...
+    recipe: Recipe
+
+    def build_model(self, init: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The stage's model; ``init``: weights to start from (``model.init``, read by weights.initial_model)."""
+        ...
 
     def train_transform(self) -> Callable: ...  # PIL image (or ``.decode``'s output) -> [3, H, W] tensor, augmented
 
@@ -88,7 +90,8 @@ class PretrainTask:
         self.meta = meta
         self.mean, self.std = normalisation(recipe, meta)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, init: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The MAE, from scratch (``init`` is for fine-tuning)."""
         m = self.recipe.model
         model = build_mae(m)
         if m.grad_checkpointing:
@@ -172,23 +175,20 @@ class FinetuneTask:
         self.prior_adjustments = torch.stack([recipe_prior_adjustment(self.class_counts, trained_with, prior)
                                               for prior in self.test_priors.values()])
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, init: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The classifier, its trunk from ``init`` (an MGP encoder or a BFT classifier: ``model.init``) when given."""
         m = self.recipe.model
         model = build_classifier(m, self.num_classes)
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        self.init_report: dict[str, list[str]] | None = None
-        if m.init:
-            with held_output():  # zero_to_fp32 prints its progress on every rank
-                weights = load_weights(m.init)
+        if init is not None:
             try:
-                self.init_report = load_encoder_weights(model, weights)
+                report = load_encoder_weights(model, init)
             except ValueError as exc:
                 raise CheckpointError(f"model.init={m.init}: {exc}") from exc
             if dist.is_main():
-                r = self.init_report
-                print(f"[livt] model.init={m.init}: new (not in the checkpoint) {r['missing']}, unexpected "
-                      f"{r['unexpected']}, ignored {len(r['ignored'])} keys (decoder / other head)")
+                print(f"[livt] model.init={m.init}: new (not in the checkpoint) {report['missing']}, unexpected "
+                      f"{report['unexpected']}, ignored {len(report['ignored'])} keys (decoder / other head)")
         return model
 
     def train_transform(self):

@@ -1,4 +1,5 @@
-"""Plain fp32 weights out of a run: consolidation of ZeRO checkpoints, ``model.init`` loading, and export.
+"""Plain fp32 weights out of a run: consolidation of ZeRO checkpoints, ``model.init`` loading, the one builder of
+the inference model (`load_classifier`, for `livt eval` and `livt predict`), and export.
 
 Exports: ``model.safetensors`` + ``config.json`` in timm's hub layout (livt_ds/hub.py), and ``model.pt``
 ``{"model": fp32 state dict, "recipe": dict, "stage": str, "tag": str, ...}`` (plain data, loads with
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from livt_ds import dist
 from livt_ds.checkpoint import (
@@ -25,14 +27,17 @@ from livt_ds.checkpoint import (
     to_universal,
 )
 from livt_ds.config import recipe_from_dict
+from livt_ds.console import held_output
 from livt_ds.data.shards import train_class_counts
 from livt_ds.data.transforms import normalisation
 from livt_ds.errors import CheckpointError
-from livt_ds.hub import hub_config, model_weights, write_export
+from livt_ds.hub import CONFIG_NAME, build_timm_model, hub_config, model_weights, write_export
 from livt_ds.model_record import ModelSource, checkpoint_recipe, checkpoint_stage, recipe_meta, resolve_model
+from livt_ds.models.vit import fp32_head
 from livt_ds.provenance import model_provenance
 from livt_ds.run_files import EXPORT
 from livt_ds.safe_load import load_torch_file, weights_only_loading
+from livt_ds.tasks import Task
 
 
 def written_by_bf16_optimizer(tag_dir: Path) -> bool:
@@ -108,7 +113,7 @@ def source_weights(source: ModelSource) -> dict[str, torch.Tensor]:
             return load_file(str(source.file))
         obj = load_torch_file(source.file)
         return obj.get("model", obj) if isinstance(obj, dict) else obj
-    with weights_only_loading(source.ckpt_dir / source.tag):
+    with weights_only_loading(source.ckpt_dir / source.tag), held_output():  # zero_to_fp32 prints on every rank
         return consolidate(source.ckpt_dir, source.tag)
 
 
@@ -127,23 +132,76 @@ def weights_provenance(path: str | Path) -> dict[str, Any]:
             "weights": resolved}
 
 
-def run_export_config(run_dir: Path, tag: str) -> dict[str, Any]:
-    """timm hub config.json of a run's checkpoint ``tag``: model, loss and normalisation from the recipe that
+def checkpoint_config(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """timm hub config.json of the checkpoint ``ckpt_dir/tag``: model, loss and normalisation from the recipe that
     checkpoint was trained with (its own record, not the run's config.yaml, which a later launch may have
     rewritten), class names and counts from that recipe's shard set."""
-    ckpt_dir = checkpoint_dir(run_dir)
     trained_with = checkpoint_recipe(ckpt_dir, tag)
     recipe = recipe_from_dict(trained_with)
     try:
         meta = recipe_meta(trained_with)
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{run_dir}: the run's shard set is needed once, to record the class names and "
-                              f"counts in the export: {exc}") from None
+        raise CheckpointError(f"{ckpt_dir / tag}: the shard set it was trained on is needed once, to record the "
+                              f"class names and counts: {exc}") from None
     mean, std = normalisation(recipe, meta)
-    config = hub_config(recipe, checkpoint_stage(ckpt_dir, tag, trained_with), meta["classes"],
+    config = hub_config(recipe, checkpoint_stage(ckpt_dir, tag), meta["classes"],
                         train_class_counts(meta, recipe.data.train_split), mean, std, tag=tag)
     config["livt"]["recipe"] = trained_with  # as saved: its sha256 is the one the run's history records
     return config
+
+
+def load_config_and_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(hub config, timm state dict) of the weights at ``path`` (as `resolve_model` reads it: an export, a run or a
+    checkpoint) from their own record; a checkpoint is consolidated on the fly."""
+    source = resolve_model(path)
+    if source.ckpt_dir is not None:
+        config = checkpoint_config(source.ckpt_dir, source.tag)
+        return config, model_weights(source_weights(source), config["livt"]["stage"])
+    if source.file.suffix == ".safetensors":
+        if source.config is None:
+            raise CheckpointError(f"{source.file}: no {CONFIG_NAME} beside it; export with `livt export RUN`")
+        return json.loads(source.config.read_text()), source_weights(source)
+    payload = load_torch_file(source.file)
+    if not isinstance(payload, dict) or not payload.get("class_names") or "recipe" not in payload:
+        raise CheckpointError(f"{source.file}: not a livt export with class names; use the export folder "
+                              "(config.json + model.safetensors) or re-export with `livt export RUN`")
+    recipe = recipe_from_dict(payload["recipe"])
+    mean, std = recipe.data.mean or payload.get("mean"), recipe.data.std or payload.get("std")
+    if mean is None or std is None:
+        raise CheckpointError(f"{source.file}: no normalisation recorded; use the export folder instead")
+    config = hub_config(recipe, payload.get("stage") or "finetune", payload["class_names"],
+                        payload["class_counts"], mean, std, tag=payload.get("tag"))
+    return config, model_weights(payload["model"], config["livt"]["stage"])
+
+
+def load_classifier(path: str | Path, config: dict[str, Any] | None = None,
+                    device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The inference model of `livt eval` and `livt predict`: the classifier of the weights at ``path``, built by
+    timm from ``config`` (a hub config.json; by default the weights' own record), its last LayerNorm and head in
+    fp32 as in training, every weight loaded, in eval mode on ``device`` (the GPU when there is one).
+    Returns (model, config)."""
+    config, weights = load_config_and_weights(path) if config is None else (config, load_weights(path))
+    if not config.get("num_classes"):
+        raise CheckpointError(f"{path}: an MGP encoder (num_classes 0) has no classifier; use a BFT (finetune) "
+                              "run or its export")
+    model = fp32_head(build_timm_model(config))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the weights do not fit {config['architecture']} with "
+                              f"{config.get('model_args')} and {config['num_classes']} classes (an MGP encoder, "
+                              f"another model size or another set?): {str(exc)[:600]}") from None
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return model.to(device).eval(), config
+
+
+def initial_model(task: Task) -> nn.Module:
+    """The task's model, started from the weights of ``model.init`` when a fine-tuning recipe names them."""
+    init = task.recipe.model.init
+    if not init or task.stage != "finetune":
+        return task.build_model()
+    return task.build_model(init=load_weights(init))
 
 
 EXPORT_FILES = {"model.safetensors", "config.json", "model.pt", "encoder.pt"}
@@ -151,7 +209,7 @@ EXPORT_FILES = {"model.safetensors", "config.json", "model.pt", "encoder.pt"}
 
 def export(run_dir: str | Path, output: str | Path | None = None, tag: str | None = None) -> list[Path]:
     """Write ``model.safetensors`` + ``config.json`` (timm's hub layout: the classifier, or the encoder of an MGP
-    run) and, for compatibility, ``model.pt`` (and ``encoder.pt`` for MGP): consolidated fp32 weights.
+    run) and ``model.pt`` (and ``encoder.pt`` for MGP): the consolidated fp32 weights with their record, in one file.
 
     Everything the export says (recipe, loss, classes, provenance) comes from the checkpoint it is made of. The
     files are written into a fresh folder that then replaces ``output`` whole, so an export never mixes the files
@@ -166,7 +224,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, tag: str | Non
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint to export (no 'latest'); has the run saved one?")
-    config = run_export_config(run_dir, tag)
+    config = checkpoint_config(ckpt_dir, tag)
     config["livt"]["provenance"] = model_provenance(run_dir, tag, config["livt"]["recipe"])
     with weights_only_loading(ckpt_dir / tag):
         state = consolidate(ckpt_dir, tag)

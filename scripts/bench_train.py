@@ -5,7 +5,7 @@ What is measured and how: ``livt_ds.bench`` (settings, runners, timing, matrix).
 ``--json-out`` also gets it, rewritten atomically after every finished entry (``"complete": false`` until the
 end), so a run cut short keeps what finished. A table and all logs go to stderr.
 
-    python scripts/bench_train.py                                  # GPU: ViT-L, MGP and BFT, everything
+    python scripts/bench_train.py                                  # GPU: ViT-L, pretrain and finetune, everything
     python scripts/bench_train.py --model vit_base --shards shards/imagenet_lt --workers 14
     python scripts/bench_train.py --stages none --zero-stages 1,2,3,2offload
     DS_ACCELERATOR=cpu python scripts/bench_train.py --device cpu  # the tiny recipes at 32 px, a few steps
@@ -63,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(MODEL_SIZES),
                    help="[GPU: vit_large, from configs/{mgp,bft}_MODEL_imagenet_lt.yaml (the ViT-L ones for sizes "
                         "without recipes); CPU: configs/tiny_{mgp,bft}.yaml]")
-    p.add_argument("--img-size", type=int, help="[the MGP recipe's]")
-    p.add_argument("--patch-size", type=int, help="[the MGP recipe's]")
+    p.add_argument("--img-size", type=int, help="[the pretraining recipe's]")
+    p.add_argument("--patch-size", type=int, help="[the pretraining recipe's]")
     p.add_argument("--decoder", type=ints(3, ",", "DIM,DEPTH,HEADS, e.g. 256,4,8"),
-                   help="MGP decoder DIM,DEPTH,HEADS [the MGP recipe's]")
-    p.add_argument("--stages", type=names, default="mgp,bft", help="comma list of mgp,bft, or 'none' [mgp,bft]")
+                   help="MAE decoder DIM,DEPTH,HEADS of pretraining [the pretraining recipe's]")
+    p.add_argument("--stages", type=names, default="pretrain,finetune",
+                   help="comma list of pretrain,finetune, or 'none' [pretrain,finetune]")
     p.add_argument("--paths", type=names, default="project,baseline",
                    help="comma list of project (the engine), baseline (eager loops) [both]")
     p.add_argument("--input", choices=("synthetic", "shards", "both"), default="both", help="[both]")
@@ -78,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-classes", type=int, help="classes of the generated set [100 on GPU, 4 on CPU]")
     p.add_argument("--workers", type=int,
                    help="train_loader worker processes [min(14, cores - 2) on GPU, the recipe's on CPU]")
-    p.add_argument("--mgp-batch", type=int, help="MGP micro-batch [the MGP recipe's train.micro_batch]")
-    p.add_argument("--bft-batch", type=int, help="BFT micro-batch, even with soft targets [the BFT recipe's]")
-    p.add_argument("--bft-targets", choices=("soft", "hard"), default="soft",
+    p.add_argument("--pretrain-batch", type=int, help="pretraining micro-batch [the recipe's train.micro_batch]")
+    p.add_argument("--finetune-batch", type=int, help="fine-tuning micro-batch, even with soft targets [the recipe's]")
+    p.add_argument("--finetune-targets", choices=("soft", "hard"), default="soft",
                    help="soft: the recipe's mixup / cutmix / label smoothing; hard: int labels, all three off [soft]")
     p.add_argument("--num-classes", type=int, default=1000,
-                   help="BFT classes when there is no shard set (synthetic only) [1000]")
+                   help="fine-tuning classes when there is no shard set (synthetic only) [1000]")
     p.add_argument("--steps", type=int, help="timed steps [30 on GPU, 3 on CPU]")
     p.add_argument("--warmup", type=int, help="untimed steps first [8 on GPU, 1 on CPU]")
     p.add_argument("--ds-config", type=Path,
@@ -96,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both paths (engine.compile() / model.compile())")
     p.add_argument("--zero-stages", type=names, default="",
-                   help="memory sweep of the MGP model, e.g. 1,2,3,2offload (GPU only)")
-    p.add_argument("--zero-batch", type=int, help="micro-batch of the ZeRO sweep [the MGP batch]")
+                   help="memory sweep of the pretraining model, e.g. 1,2,3,2offload (GPU only)")
+    p.add_argument("--zero-batch", type=int, help="micro-batch of the ZeRO sweep [the pretraining batch]")
     p.add_argument("--zero-steps", type=int, default=5, help="timed steps per ZeRO config [5]")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="dense bf16 peak for the share [989]")
     p.add_argument("--seed", type=int, default=0)
@@ -110,7 +111,8 @@ def options(args: argparse.Namespace) -> BenchOptions:
         model=args.model, img_size=args.img_size, patch_size=args.patch_size, decoder=args.decoder,
         stages=args.stages, paths=args.paths, inputs=["synthetic", "shards"] if args.input == "both" else [args.input],
         shards=args.shards, gen_images=args.gen_images, gen_size=args.gen_size, gen_classes=args.gen_classes,
-        workers=args.workers, mgp_batch=args.mgp_batch, bft_batch=args.bft_batch, bft_targets=args.bft_targets,
+        workers=args.workers, pretrain_batch=args.pretrain_batch, finetune_batch=args.finetune_batch,
+        finetune_targets=args.finetune_targets,
         num_classes=args.num_classes, steps=args.steps, warmup=args.warmup, ds_config=args.ds_config,
         ds_adam=args.ds_adam, eager=args.eager, compile=args.compile, zero_stages=args.zero_stages,
         zero_batch=args.zero_batch, zero_steps=args.zero_steps, peak_tflops=args.peak_tflops, seed=args.seed,

@@ -21,10 +21,11 @@ from livt_ds.models.flops import flops_per_image  # noqa: E402
 from livt_ds.models.registry import get_size  # noqa: E402
 
 # images/s per H100 SXM, plain PyTorch eager, bf16, synthetic input (docs/gpu.md, "Reference figures")
-GPU_RATE = {("mgp", "vit_base"): 3754, ("mgp", "vit_large"): 2043, ("bft", "vit_base"): 2466, ("bft", "vit_large"): 856}
+GPU_RATE = {("pretrain", "vit_base"): 3754, ("pretrain", "vit_large"): 2043, ("finetune", "vit_base"): 2466,
+            ("finetune", "vit_large"): 856}
 GPU_RATE_AT = 224  # the image size of those figures
 # images/s per CPU core of the input pipeline: README "Data in a bucket" table, 2 workers on a 2-core machine
-CORE_RATE = {"mgp": 520 / 2, "bft": 421 / 2}
+CORE_RATE = {"pretrain": 520 / 2, "finetune": 421 / 2}
 CORES_PER_GPU = 112 / 8  # DGX H100: 2 x Xeon Platinum 8480C (56 cores each) for 8 GPUs (NVIDIA DGX H100 datasheet)
 NVLINK_GBS = 450.0  # H100 SXM NVLink 4: 900 GB/s per GPU both directions together (NVIDIA H100 datasheet)
 IB_GBS = 50.0  # one 400 Gb/s NDR ConnectX-7 per GPU (NVIDIA DGX H100 datasheet), per direction
@@ -42,7 +43,7 @@ def params(stage: str, name: str, decoder_dim: int, decoder_depth: int, num_clas
     size = get_size(name)
     d = size.embed_dim
     encoder = size.depth * (12 * d * d + 13 * d) + (3 * 16 * 16 * d + d) + 2 * d
-    if stage == "mgp":
+    if stage == "pretrain":
         dd = decoder_dim
         return encoder + d * dd + dd + decoder_depth * (12 * dd * dd + 13 * dd) + 2 * dd + dd * 3 * 16 * 16 + dd
     return encoder + d * num_classes + num_classes
@@ -93,7 +94,7 @@ def model_rows():
     """Per recipe: name, stage, data set, recipe, parameters, per-GPU rate (GPU-bound and input-capped)."""
     for name in RECIPES:
         recipe = load_recipe(REPO / "configs" / f"{name}.yaml")
-        stage, data = name[:3], name.split("_", 3)[3]
+        stage, data = "pretrain" if name.startswith("mgp") else "finetune", name.split("_", 3)[3]
         p = params(stage, recipe.model.name, recipe.model.decoder_dim, recipe.model.decoder_depth,
                    8142 if data == "inat18" else 1000)
         gpu = rate(stage, recipe)

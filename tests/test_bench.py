@@ -79,18 +79,19 @@ def test_cpu_run_reports_every_stage_path_and_input(tiny_shards, tmp_path):
     runs = (("project", "config"), ("project", "torch-fused"), ("baseline", "amp-fused"),
             ("baseline", "pure-foreach"))
     assert sorted((e["stage"], e["path"], e["variant"], e["input"]) for e in entries) == sorted(
-        (st, p, v, i) for st in ("mgp", "bft") for p, v in runs for i in ("synthetic", "shards"))
+        (st, p, v, i) for st in ("pretrain", "finetune") for p, v in runs for i in ("synthetic", "shards"))
     settings = doc["settings"]
     assert settings["model"] == "vit_test" and settings["img_size"] == 32
     assert settings["num_classes"] == 4  # the shard set's meta.json drives the BFT head and the Bal-BCE prior
-    assert settings["recipes"] == {"mgp": "livt_ds/configs/tiny_mgp.yaml", "bft": "livt_ds/configs/tiny_bft.yaml"}
-    tiny = {stage: load_recipe(REPO / "configs" / f"tiny_{stage}.yaml") for stage in ("mgp", "bft")}
+    assert settings["recipes"] == {"pretrain": "livt_ds/configs/tiny_mgp.yaml",
+                                   "finetune": "livt_ds/configs/tiny_bft.yaml"}
+    tiny = {stage: load_recipe(REPO / path) for stage, path in settings["recipes"].items()}
     assert settings["batches"] == {stage: r.train.micro_batch for stage, r in tiny.items()}  # the recipes' batches
-    tiny_mgp = tiny["mgp"].model  # the values come from the recipe
+    tiny_mgp = tiny["pretrain"].model  # the values come from the recipe
     assert settings["patch_size"] == tiny_mgp.patch_size and settings["mask_ratio"] == tiny_mgp.mask_ratio
     assert settings["decoder"] == {"dim": tiny_mgp.decoder_dim, "depth": tiny_mgp.decoder_depth,
                                    "heads": tiny_mgp.decoder_heads}
-    for stage in ("mgp", "bft"):
+    for stage in ("pretrain", "finetune"):
         model = load_recipe(REPO / settings["recipes"][stage], settings["recipe_overrides"]).model
         assert doc["flops_per_image"][stage] == flops_per_image(stage, model, num_classes=4)
     by_key = {(e["stage"], e["variant"], e["input"]): e for e in entries}
@@ -108,19 +109,19 @@ def test_cpu_run_reports_every_stage_path_and_input(tiny_shards, tmp_path):
         baseline = e["images_per_s"] if e["path"] == "baseline" else by_key[(e["stage"], "pure-foreach",
                                                                               e["input"])]["images_per_s"]
         assert e["ratio_project_over_baseline"] == pytest.approx(project / baseline, rel=1e-3)
-    for stage in ("mgp", "bft"):
+    for stage in ("pretrain", "finetune"):
         # Same seed, batch, parameter groups, learning rate and loss: on the CPU (fp32 everywhere) the engine and
         # both eager loops compute the same training, step after step, whichever AdamW implementation runs it.
         engine = by_key[(stage, "config", "synthetic")]["losses"]
         assert len(set(engine)) > 1  # the steps do train
         for variant in ("torch-fused", "amp-fused", "pure-foreach"):
             assert by_key[(stage, variant, "synthetic")]["losses"] == pytest.approx(engine, rel=1e-5), variant
-    project_mgp = by_key[("mgp", "config", "synthetic")]
+    project_mgp = by_key[("pretrain", "config", "synthetic")]
     assert project_mgp["ds_config"].endswith("cpu_fp32.json") and project_mgp["zero_stage"] == 2
     assert project_mgp["optimizer"] == "AdamW" and not project_mgp["optimizer_fused"]  # the JSON's torch_adam
-    assert by_key[("bft", "torch-fused", "shards")]["optimizer_fused"] is True
-    assert by_key[("bft", "pure-foreach", "shards")]["optimizer_foreach"] is True
-    assert by_key[("bft", "amp-fused", "shards")]["dtype"] == "float32"  # no autocast on the CPU
+    assert by_key[("finetune", "torch-fused", "shards")]["optimizer_fused"] is True
+    assert by_key[("finetune", "pure-foreach", "shards")]["optimizer_foreach"] is True
+    assert by_key[("finetune", "amp-fused", "shards")]["dtype"] == "float32"  # no autocast on the CPU
     assert "skipped" in doc["zero_stages"]  # the ZeRO memory sweep needs a GPU
 
 
@@ -128,7 +129,7 @@ def test_a_run_killed_midway_keeps_the_entries_that_finished(tmp_path):
     """The document is rewritten atomically after each entry: a run killed hard after its first entry (what
     gpu_check's time limit ends with) leaves a valid document that says it is partial."""
     json_out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--stages", "mgp", "--input", "synthetic",
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--stages", "pretrain", "--input", "synthetic",
            "--steps", "200", "--warmup", "0", "--json-out", str(json_out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -149,7 +150,8 @@ def test_a_run_killed_midway_keeps_the_entries_that_finished(tmp_path):
 
 def _flops(recipe: str) -> dict[str, int]:
     """FLOPs per image of a shipped ImageNet-LT recipe's model (1000 classes)."""
-    return flops_per_image(recipe[:3], load_recipe(REPO / "configs" / f"{recipe}.yaml").model, num_classes=1000)
+    stage = "pretrain" if recipe.startswith("mgp") else "finetune"
+    return flops_per_image(stage, load_recipe(REPO / "configs" / f"{recipe}.yaml").model, num_classes=1000)
 
 
 def test_flops_match_the_reference_figures_of_docs_gpu_md():
@@ -171,8 +173,9 @@ def test_flops_match_the_reference_figures_of_docs_gpu_md():
 
 def test_settings_refuse_what_cannot_run():
     with pytest.raises(ConfigError, match="even"):
-        resolve_settings(BenchOptions(bft_batch=7), cuda=False)
-    assert resolve_settings(BenchOptions(bft_batch=7, bft_targets="hard"), cuda=False).batches["bft"] == 7
+        resolve_settings(BenchOptions(finetune_batch=7), cuda=False)
+    hard = resolve_settings(BenchOptions(finetune_batch=7, finetune_targets="hard"), cuda=False)
+    assert hard.batches["finetune"] == 7
     with pytest.raises(ConfigError, match="zero_stages"):
         resolve_settings(BenchOptions(zero_stages=["4"]), cuda=False)
     with pytest.raises(ConfigError, match="multiple"):
@@ -184,7 +187,8 @@ def test_command_line_errors_are_one_line_and_exit_2(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    for args, words in ((["--bft-batch", "7"], "even"), (["--stages", "mgp,eval"], "stages"),
+    for args, words in ((["--finetune-batch", "7"], "even"), (["--stages", "pretrain,eval"], "stages"),
+                        (["--stages", "mgp"], "stages"),
                         (["--decoder", "512x8"], "DIM,DEPTH,HEADS")):
         try:
             code = cli.main(["--device", "cpu", *args])
@@ -210,10 +214,10 @@ def test_settings_take_the_shipped_recipes():
     """GPU settings (resolved here without a GPU): the model's ImageNet-LT recipes as written, micro-batches
     included, except no MGP init and no accumulation; CPU settings: the tiny recipes."""
     s = resolve_settings(BenchOptions(), cuda=True)
-    for stage in ("mgp", "bft"):
-        shipped = load_recipe(REPO / "configs" / f"{stage}_vit_large_imagenet_lt.yaml")
+    for stage, method in (("pretrain", "mgp"), ("finetune", "bft")):
+        shipped = load_recipe(REPO / "configs" / f"{method}_vit_large_imagenet_lt.yaml")
         got = s.recipes[stage]
-        assert s.recipe_files[stage].name == f"{stage}_vit_large_imagenet_lt.yaml"
+        assert s.recipe_files[stage].name == f"{method}_vit_large_imagenet_lt.yaml"
         assert got.model == dataclasses.replace(shipped.model, init="")
         assert (got.augment, got.loss) == (shipped.augment, shipped.loss)
         assert (got.train.blr, got.train.betas, got.train.layer_decay, got.train.batch_size) == (
@@ -225,24 +229,25 @@ def test_settings_take_the_shipped_recipes():
 
     s = resolve_settings(BenchOptions(model="vit_base", decoder=(256, 4, 8), img_size=192), cuda=True)
     assert {st: p.name for st, p in s.recipe_files.items()} == {
-        "mgp": "mgp_vit_base_imagenet_lt.yaml", "bft": "bft_vit_base_imagenet_lt.yaml"}
-    assert {st: r.model.name for st, r in s.recipes.items()} == {"mgp": "vit_base", "bft": "vit_base"}
+        "pretrain": "mgp_vit_base_imagenet_lt.yaml", "finetune": "bft_vit_base_imagenet_lt.yaml"}
+    assert {st: r.model.name for st, r in s.recipes.items()} == {"pretrain": "vit_base", "finetune": "vit_base"}
     assert (s.model.decoder_dim, s.model.decoder_depth, s.model.decoder_heads, s.model.img_size) == (256, 4, 8, 192)
-    assert s.recipes["bft"].model.img_size == 192
-    assert s.batches == {st: load_recipe(REPO / "configs" / f"{st}_vit_base_imagenet_lt.yaml").train.micro_batch
-                         for st in ("mgp", "bft")}
-    assert make_recipe(s, "bft", 4).model == s.recipes["bft"].model
+    assert s.recipes["finetune"].model.img_size == 192
+    assert s.batches == {st: load_recipe(REPO / "configs" / f"{method}_vit_base_imagenet_lt.yaml").train.micro_batch
+                         for st, method in (("pretrain", "mgp"), ("finetune", "bft"))}
+    assert make_recipe(s, "finetune", 4).model == s.recipes["finetune"].model
 
-    s = resolve_settings(BenchOptions(model="vit_huge", mgp_batch=64), cuda=True)  # no recipes of its own
-    assert s.recipe_files["mgp"].name == "mgp_vit_large_imagenet_lt.yaml" and s.model.name == "vit_huge"
-    assert s.batches["mgp"] == 64 and s.zero_batch == 64
+    s = resolve_settings(BenchOptions(model="vit_huge", pretrain_batch=64), cuda=True)  # no recipes of its own
+    assert s.recipe_files["pretrain"].name == "mgp_vit_large_imagenet_lt.yaml" and s.model.name == "vit_huge"
+    assert s.batches["pretrain"] == 64 and s.zero_batch == 64
 
     s = resolve_settings(BenchOptions(), cuda=False)
-    tiny = {stage: load_recipe(REPO / "configs" / f"tiny_{stage}.yaml") for stage in ("mgp", "bft")}
-    assert s.recipes["mgp"].model == tiny["mgp"].model
-    assert s.recipes["bft"].model == dataclasses.replace(tiny["bft"].model, init="")
+    tiny = {stage: load_recipe(REPO / "configs" / f"tiny_{method}.yaml")
+            for stage, method in (("pretrain", "mgp"), ("finetune", "bft"))}
+    assert s.recipes["pretrain"].model == tiny["pretrain"].model
+    assert s.recipes["finetune"].model == dataclasses.replace(tiny["finetune"].model, init="")
     assert s.batches == {st: r.train.micro_batch for st, r in tiny.items()}
-    assert s.workers == tiny["mgp"].data.num_workers
+    assert s.workers == tiny["pretrain"].data.num_workers
 
 
 def test_engine_and_eager_loops_train_alike():
@@ -257,9 +262,9 @@ def test_engine_and_eager_loops_train_alike():
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.init_distributed()
-    s = resolve_settings(BenchOptions(bft_targets="hard"), cuda=False)
+    s = resolve_settings(BenchOptions(finetune_targets="hard"), cuda=False)
     s.overrides.append("train.lr=0.01")
-    recipe = make_recipe(s, "bft", 8)
+    recipe = make_recipe(s, "finetune", 8)
     assert recipe.train.layer_decay < 1  # the groups carry different learning rates
     task = build_task("finetune", recipe, synthetic_meta(10))
     device = torch.device("cpu")

@@ -31,7 +31,7 @@ SEED = int(os.environ.get("LIVT_CHAOS_SEED", "0"))
 EPOCHS, STEPS_PER_EPOCH = 6, 3
 RECIPE = ["--config", "configs/tiny_bft.yaml", "--ds-config", "ds_configs/cpu_fp32.json", "model.init=",
           f"train.epochs={EPOCHS}", "checkpoint.every_steps=2", "log.every_steps=1", "eval.every=1",
-          "log.progress=false"]
+          "log.progress=false", "data.num_workers=1"]  # with a loader worker: killed too
 LAUNCH_TIMEOUT_S = 300  # one launch, start to end (about 20 s of start-up on 2 idle cores, a few s of training)
 
 

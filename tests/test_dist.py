@@ -96,3 +96,19 @@ def test_the_environment_is_not_touched():
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
     launcher_settings(env, no_port)
     assert env == {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+
+
+def test_a_rank_imports_deepspeeds_muon_module_without_loading_inductor():
+    """DeepSpeed's ZeRO optimizers import its Muon module even for AdamW; compiled at import, it would load Inductor
+    into every rank's start-up. ``import_muon_uncompiled`` imports it with dynamo off, and restores the setting."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from livt_ds.engine import import_muon_uncompiled\n"
+            "import_muon_uncompiled()\n"
+            "from deepspeed.runtime.zero.muon.original_muon import muon_update\n"
+            "print('torch._inductor.compile_fx' in sys.modules, os.environ.get('TORCHDYNAMO_DISABLE'), "
+            "muon_update.__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "None", "deepspeed.runtime.zero.muon.original_muon"], out.stderr[-2000:]

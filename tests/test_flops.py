@@ -21,8 +21,8 @@ def test_layer_flops_by_hand():
     assert layer_flops(3, 32) == 73_728 + 1_152
 
 
-def test_mgp_count_by_hand():
-    f = flops_per_image("mgp", load_recipe(None, TINY).model, num_classes=10)
+def test_pretrain_count_by_hand():
+    f = flops_per_image("pretrain", load_recipe(None, TINY).model, num_classes=10)
     # encoder on round(4 * 0.5) + 1 = 3 visible tokens, 2 layers; decoder on 5 tokens at width 16, 1 layer
     layers = 2 * (24 * 3 * 32**2 + 4 * 3**2 * 32) + (24 * 5 * 16**2 + 4 * 5**2 * 16)
     assert layers == 182_080
@@ -32,8 +32,8 @@ def test_mgp_count_by_hand():
                  "train_with_extras": 3 * (layers + extras)}
 
 
-def test_bft_count_by_hand():
-    f = flops_per_image("bft", load_recipe(None, TINY).model, num_classes=10)
+def test_finetune_count_by_hand():
+    f = flops_per_image("finetune", load_recipe(None, TINY).model, num_classes=10)
     layers = 2 * (24 * 5 * 32**2 + 4 * 5**2 * 32)  # encoder on 4 patches + cls
     extras = 2 * 4 * 48 * 32 + 2 * 32 * 10  # patch embedding, head
     assert (f["layers_fwd"], f["extras_fwd"], f["train"]) == (layers, extras, 3 * layers)
@@ -44,14 +44,14 @@ def test_unknown_stage_is_refused():
         flops_per_image("eval", load_recipe(None, TINY).model, num_classes=10)
 
 
-@pytest.mark.parametrize("stage,kind", [("mgp", "pretrain"), ("bft", "finetune")])
-def test_count_equals_the_matmuls_of_the_built_model(stage, kind):
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_count_equals_the_matmuls_of_the_built_model(stage):
     """torch's FLOP counter on one forward of the model the trainer builds (all matmuls, convolutions and
     attention) equals layers + extras: the formula describes the shipped models, not an idealised ViT.
     The math attention backend runs q.k^T and a.v as bmm, which the counter sees (the CPU fused kernel it does not)."""
     recipe = load_recipe(None, [*TINY, "model.img_size=16"])  # 16 patches, 8 visible
     meta = {"num_classes": 10, "class_counts": [10 - i for i in range(10)], "classes": [f"c{i}" for i in range(10)]}
-    model = build_task(kind, recipe, meta).build_model().eval()
+    model = build_task(stage, recipe, meta).build_model().eval()
     expected = flops_per_image(stage, recipe.model, num_classes=10)
     images = torch.randn(2, 3, 16, 16)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():

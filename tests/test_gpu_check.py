@@ -105,7 +105,7 @@ def test_bad_arguments_are_refused():
 
 
 def bench_doc(entries: int, planned: int, error: bool = False) -> dict:
-    row = {"stage": "mgp", "path": "project", "variant": "config", "input": "synthetic", "batch": 128,
+    row = {"stage": "pretrain", "path": "project", "variant": "config", "input": "synthetic", "batch": 128,
            "images_per_s": 2500.0, "model_tflops": 300.0, "share_of_peak": 0.3, "ratio_project_over_baseline": 1.2,
            "peak_mem_gib": 40.0}
     results = [dict(row) for _ in range(entries)]

@@ -128,8 +128,7 @@ def test_a_stale_export_gives_way_to_the_latest_checkpoint(pipeline_runs, tmp_pa
     """RUN/export of step 3 while the run's latest is step 6: model.init=RUN and --model RUN use step 6."""
     import torch
 
-    from livt_ds.predict import load_config_and_weights
-    from livt_ds.weights import consolidate, export, load_weights, weights_provenance
+    from livt_ds.weights import consolidate, export, load_config_and_weights, load_weights, weights_provenance
 
     run = copy_run(pipeline_runs / "bft", tmp_path, "export", "tensorboard")
     export(run, tag="step00000003")

@@ -262,13 +262,14 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 def test_model_init_refuses_it_too(tmp_path):
     from livt_ds.config import load_recipe
     from livt_ds.tasks import FinetuneTask
+    from livt_ds.weights import initial_model
 
     marker = tmp_path / "pwned"
     torch.save({"model": {"x": torch.zeros(1)}, "extra": _RunsCode(marker)}, tmp_path / "evil.pt")
     recipe = load_recipe(REPO / "configs" / "tiny_bft.yaml", [f"model.init={tmp_path / 'evil.pt'}"])
     meta = {"num_classes": 4, "classes": CLASSES, "class_counts": [24, 14, 8, 5], "splits": {}}
     with pytest.raises(UnsafeWeightsError, match="refused to load"):
-        FinetuneTask(recipe, meta).build_model()
+        initial_model(FinetuneTask(recipe, meta))
     assert not marker.exists()
 
 

@@ -272,7 +272,7 @@ def check_exact_carry_over(two_rank: Path, one_rank: Path, betas: tuple[float, f
 def start_long_run(out: Path, toy_shards: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "livt_ds", "pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}",
-           "train.epochs=200", "eval.every=0"]
+           "train.epochs=200", "eval.every=0", "data.num_workers=1"]  # a loader worker gets the signal too
     return start_process(cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -313,7 +313,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(toy_shards, tmp_path):
     saved = check_saved_on_sigterm(out, log, logged)
     assert status(out) == {"phase": "stopped", "step": saved}  # stopped by the signal, not finished
     result = run_livt(["pretrain", *MGP, "--output", str(out), f"data.path={toy_shards}", "train.epochs=200",
-                       "eval.every=0", f"train.stop_after_steps={saved + 2}"])
+                       "eval.every=0", "data.num_workers=1", f"train.stop_after_steps={saved + 2}"])
     assert f"resumed from {out / 'checkpoints' / f'step{saved:08d}'} at step {saved}" in result.stdout + result.stderr
     assert max(train_losses(out)) == saved + 2
     assert status(out) == {"phase": "stopped", "step": saved + 2}  # stopped by train.stop_after_steps

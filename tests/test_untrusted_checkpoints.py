@@ -86,8 +86,9 @@ def bft_recipe(run: Path, toy_shards: Path, *extra: str):
 def model_init(run: Path, toy_shards: Path, tmp_path: Path) -> None:
     from livt_ds.data.shards import load_meta
     from livt_ds.tasks import FinetuneTask
+    from livt_ds.weights import initial_model
 
-    FinetuneTask(bft_recipe(run, toy_shards), load_meta(toy_shards)).build_model()
+    initial_model(FinetuneTask(bft_recipe(run, toy_shards), load_meta(toy_shards)))
 
 
 def evaluate(run: Path, toy_shards: Path, tmp_path: Path) -> None:

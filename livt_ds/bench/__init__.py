@@ -1,8 +1,8 @@
 """Training-step benchmark: the trainer's DeepSpeed engine against plain eager PyTorch loops, in one process.
 
-For each stage (MGP = masked pretraining, BFT = balanced fine-tuning), path and input it times whole training steps
-after a warm-up and reports images/s, step time, model TFLOP/s (``livt_ds.models.flops``), share of the bf16 peak,
-peak GPU memory and the engine/eager ratio.
+For each stage (pretrain: MGP, masked pretraining; finetune: BFT, balanced fine-tuning), path and input it times
+whole training steps after a warm-up and reports images/s, step time, model TFLOP/s (``livt_ds.models.flops``),
+share of the bf16 peak, peak GPU memory and the engine/eager ratio.
 
 - ``settings``: what to run, resolved from the shipped recipes (model, micro-batches, loss, optimizer).
 - ``runners``: one model + optimizer whose ``step`` is a whole training step: the engine (``project``) or an eager

@@ -1,7 +1,7 @@
 """Every run of a benchmark's settings, as one JSON document that grows entry by entry.
 
 Per stage, one model per (path, variant): the project path once per ``ds_adam`` variant, the eager path once per
-``eager`` variant; each model is timed on every input. Then the ZeRO memory sweep of the MGP model (GPU only;
+``eager`` variant; each model is timed on every input. Then the ZeRO memory sweep of the pretraining model (GPU only;
 ZeRO-3 last: DeepSpeed 0.19.8 does not free a ZeRO-3 engine in-process). A run that fails is recorded with its
 error and the others go on. ``on_update(document)`` is called after every finished entry, so a caller that writes
 the document each time keeps what finished when the benchmark is cut short (``document["complete"]`` is False
@@ -88,7 +88,7 @@ def run_stage(ctx: Context, stage: str, log: Log, done: Callable[[dict[str, Any]
     s = ctx.settings
     batch = s.batches[stage]
     recipe = make_recipe(s, stage, batch)
-    task = build_task(STAGES[stage], recipe, ctx.meta)
+    task = build_task(stage, recipe, ctx.meta)
     cuda = ctx.device.type == "cuda"
     for path, variant in planned_runs(s):
         base = {"stage": stage, "path": path, "variant": variant, "batch": batch, "compiled": s.compile}
@@ -142,19 +142,20 @@ def add_ratios(entries: list[dict[str, Any]]) -> None:
 
 
 def zero_sweep(ctx: Context, log: Log, done: Callable[[dict[str, Any]], None]) -> None:
-    """Peak GPU memory and images/s of the MGP model under each requested ZeRO config, synthetic input."""
+    """Peak GPU memory and images/s of the pretraining model (MAE) under each requested ZeRO config, synthetic input."""
     s = ctx.settings
-    recipe = make_recipe(s, "mgp", s.zero_batch)
-    task = build_task(STAGES["mgp"], recipe, ctx.meta)
+    recipe = make_recipe(s, "pretrain", s.zero_batch)
+    task = build_task("pretrain", recipe, ctx.meta)
     for key in sorted(s.zero_stages, key=lambda k: k == "3"):  # ZeRO-3 is not freed in-process: last
-        entry: dict[str, Any] = {"zero": key, "ds_config": ZERO_CONFIGS[key], "stage": "mgp", "batch": s.zero_batch}
+        entry: dict[str, Any] = {"zero": key, "ds_config": ZERO_CONFIGS[key], "stage": "pretrain",
+                                 "batch": s.zero_batch}
         try:
             log(f"zero sweep: {key} ({ZERO_CONFIGS[key]})")
             runner = project_runner(recipe, task, find("ds_config", ZERO_CONFIGS[key]), compile_model=False)
             try:
                 batches = synthetic_batches(s.zero_batch, s.model.img_size, ctx.meta["num_classes"], runner.device)
                 raw = measure(runner, batches, min(2, s.warmup), s.zero_steps)
-                entry.update(summarise(raw, s.zero_batch, s.zero_steps, ctx.flops["mgp"], s.peak_tflops, True))
+                entry.update(summarise(raw, s.zero_batch, s.zero_steps, ctx.flops["pretrain"], s.peak_tflops, True))
             finally:
                 runner.close()
                 del runner
@@ -179,7 +180,7 @@ def _settings_record(s: Settings, device: torch.device, meta: dict[str, Any], ge
         "recipes": {stage: relative(path) for stage, path in s.recipe_files.items()}, "recipe_overrides": s.overrides,
         "batches": s.batches, "steps": s.steps, "warmup": s.warmup, "workers": s.workers,
         "ds_config": relative(s.ds_config), "ds_adam": s.ds_adam, "eager": s.eager, "compile": s.compile,
-        "bft_targets": s.bft_targets, "num_classes": meta["num_classes"],
+        "finetune_targets": s.finetune_targets, "num_classes": meta["num_classes"],
         "shards": str(s.shards) if s.shards and not generated else None, "peak_tflops": s.peak_tflops,
         "versions": {"torch": torch.__version__, "deepspeed": version("deepspeed"), "timm": version("timm"),
                      "cuda": torch.version.cuda or "", "python": sys.version.split()[0]},

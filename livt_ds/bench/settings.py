@@ -1,7 +1,8 @@
 """What a benchmark runs: the caller's options resolved against the shipped recipes and the device.
 
-Recipes: on a GPU the ImageNet-LT recipes of the model (``configs/{mgp,bft}_{model}_imagenet_lt.yaml``; sizes
-without recipes of their own take the ViT-L ones with ``model.name`` replaced), on the CPU the tiny recipes. The
+Recipes: on a GPU the ImageNet-LT recipes of the model (``configs/{mgp,bft}_{model}_imagenet_lt.yaml``, named
+after the methods of the stages pretrain and finetune; sizes without recipes of their own take the ViT-L ones with
+``model.name`` replaced), on the CPU the tiny recipes. The
 benchmark keeps everything they set (model, mask ratio, decoder, drop path, augmentation, loss, learning rate,
 betas, layer decay, micro-batch) except two things, so that every timed step is a whole optimizer step from
 scratch: weights are not loaded (``model.init=``) and there is no gradient accumulation (``train.batch_size=null``).
@@ -21,10 +22,12 @@ from livt_ds.cuda_arch import set_plain_cuda_arch_list
 from livt_ds.errors import ConfigError
 from livt_ds.models.registry import MODEL_SIZES
 from livt_ds.recipes import find, shipped_dir
+from livt_ds.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[2]
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
-STAGES = {"mgp": "pretrain", "bft": "finetune"}
+STAGES = tuple(TASKS)  # the trainer's stages: pretrain, finetune
+RECIPE_PREFIX = {"pretrain": "mgp", "finetune": "bft"}  # the shipped recipes are named after the methods
 PATHS = ("project", "baseline")
 INPUTS = ("synthetic", "shards")
 # project: the DeepSpeed config's optimizer block as written (the shipped ones: torch's foreach AdamW); torch's AdamW
@@ -50,7 +53,7 @@ class BenchOptions:
     model: str | None = None
     img_size: int | None = None
     patch_size: int | None = None
-    decoder: tuple[int, int, int] | None = None  # MGP decoder (dim, depth, heads)
+    decoder: tuple[int, int, int] | None = None  # the MAE decoder of pretraining (dim, depth, heads)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     paths: list[str] = field(default_factory=lambda: list(PATHS))
     inputs: list[str] = field(default_factory=lambda: list(INPUTS))
@@ -59,9 +62,9 @@ class BenchOptions:
     gen_size: tuple[int, int] | None = None
     gen_classes: int | None = None
     workers: int | None = None
-    mgp_batch: int | None = None
-    bft_batch: int | None = None
-    bft_targets: str = "soft"
+    pretrain_batch: int | None = None
+    finetune_batch: int | None = None
+    finetune_targets: str = "soft"
     num_classes: int = 1000
     steps: int | None = None
     warmup: int | None = None
@@ -93,7 +96,7 @@ class Settings:
     gen_classes: int
     workers: int
     batches: dict[str, int]
-    bft_targets: str
+    finetune_targets: str
     num_classes: int
     steps: int
     warmup: int
@@ -110,8 +113,9 @@ class Settings:
 
     @property
     def model(self) -> ModelConfig:
-        """The model of the MGP recipe (name, sizes, mask ratio, decoder); BFT's has the same name and sizes."""
-        return self.recipes["mgp"].model
+        """The model of the pretraining recipe (name, sizes, mask ratio, decoder); fine-tuning's has the same name and
+        sizes."""
+        return self.recipes["pretrain"].model
 
 
 def choose_device(choice: str) -> bool:
@@ -136,11 +140,11 @@ def choose_device(choice: str) -> bool:
 def recipe_files(model: str | None, cuda: bool) -> dict[str, Path]:
     """stage -> the recipe a real run of ``model`` uses: its ImageNet-LT recipes on a GPU, the tiny ones on a CPU."""
     if not cuda:
-        return {stage: shipped_dir("recipe") / f"tiny_{stage}.yaml" for stage in STAGES}
-    own = {stage: shipped_dir("recipe") / f"{stage}_{model}_imagenet_lt.yaml" for stage in STAGES}
+        return {stage: shipped_dir("recipe") / f"tiny_{RECIPE_PREFIX[stage]}.yaml" for stage in STAGES}
+    own = {stage: shipped_dir("recipe") / f"{RECIPE_PREFIX[stage]}_{model}_imagenet_lt.yaml" for stage in STAGES}
     if model is not None and all(path.is_file() for path in own.values()):
         return own
-    return {stage: shipped_dir("recipe") / f"{stage}_vit_large_imagenet_lt.yaml" for stage in STAGES}
+    return {stage: shipped_dir("recipe") / f"{RECIPE_PREFIX[stage]}_vit_large_imagenet_lt.yaml" for stage in STAGES}
 
 
 def check_names(given: list[str], valid: tuple[str, ...] | list[str], what: str) -> list[str]:
@@ -153,15 +157,16 @@ def check_names(given: list[str], valid: tuple[str, ...] | list[str], what: str)
 
 def _load_recipes(o: BenchOptions, files: dict[str, Path], cuda: bool) -> tuple[list[str], dict[str, Recipe], int]:
     """(overrides for both stages, stage -> recipe, loader workers): the options' model, sizes and decoder, else the
-    MGP recipe's, for both stages."""
+    pretraining recipe's, for both stages."""
     decoder = [] if o.decoder is None else [f"model.decoder_{key}={value}"
                                             for key, value in zip(("dim", "depth", "heads"), o.decoder, strict=True)]
     given = [f"model.{key}={value}" for key, value in (("name", o.model), ("img_size", o.img_size),
                                                        ("patch_size", o.patch_size)) if value]
-    mgp = load_recipe(files["mgp"], [*BENCH_OVERRIDES, *given, *decoder])
+    pretrain = load_recipe(files["pretrain"], [*BENCH_OVERRIDES, *given, *decoder])
     cores = os.cpu_count() or 2
-    workers = o.workers if o.workers is not None else (max(1, min(14, cores - 2)) if cuda else mgp.data.num_workers)
-    m = mgp.model
+    default_workers = max(1, min(14, cores - 2)) if cuda else pretrain.data.num_workers
+    workers = o.workers if o.workers is not None else default_workers
+    m = pretrain.model
     overrides = [*BENCH_OVERRIDES, f"model.name={m.name}", f"model.img_size={m.img_size}",
                  f"model.patch_size={m.patch_size}", *decoder, f"data.num_workers={workers}", f"train.seed={o.seed}"]
     return overrides, {stage: load_recipe(path, overrides) for stage, path in files.items()}, workers
@@ -171,23 +176,23 @@ def resolve_settings(o: BenchOptions, cuda: bool) -> Settings:
     """Load the recipes and fill the device's defaults; raises ConfigError on a combination that cannot run."""
     if o.model is not None and o.model not in MODEL_SIZES:
         raise ConfigError(f"model {o.model!r} unknown; valid: {', '.join(MODEL_SIZES)}")
-    stages = check_names(o.stages, list(STAGES), "stages")
+    stages = check_names(o.stages, STAGES, "stages")
     files = recipe_files(o.model, cuda)
     overrides, recipes, workers = _load_recipes(o, files, cuda)
     batches = {stage: given or recipes[stage].train.micro_batch
-               for stage, given in (("mgp", o.mgp_batch), ("bft", o.bft_batch))}
+               for stage, given in (("pretrain", o.pretrain_batch), ("finetune", o.finetune_batch))}
     unset = [stage for stage, batch in batches.items() if not batch]
     if unset:
         raise ConfigError(f"the recipes {[str(files[s]) for s in unset]} set no train.micro_batch; give the "
                           f"{' and '.join(s + ' batch' for s in unset)}")
-    model = recipes["mgp"].model
+    model = recipes["pretrain"].model
     if model.img_size % model.patch_size:
         raise ConfigError(f"img_size {model.img_size} is not a multiple of patch_size {model.patch_size}")
-    if o.bft_targets not in ("soft", "hard"):
-        raise ConfigError(f"bft_targets {o.bft_targets!r}: use soft or hard")
-    if o.bft_targets == "soft" and "bft" in stages and batches["bft"] % 2:
-        raise ConfigError(f"BFT micro-batch {batches['bft']} must be even with soft targets (timm Mixup pairs "
-                          "images); use an even batch or hard targets")
+    if o.finetune_targets not in ("soft", "hard"):
+        raise ConfigError(f"finetune_targets {o.finetune_targets!r}: use soft or hard")
+    if o.finetune_targets == "soft" and "finetune" in stages and batches["finetune"] % 2:
+        raise ConfigError(f"finetune micro-batch {batches['finetune']} must be even with soft targets (timm Mixup "
+                          "pairs images); use an even batch or hard targets")
     steps = o.steps if o.steps is not None else (30 if cuda else 3)
     warmup = o.warmup if o.warmup is not None else (8 if cuda else 1)
     if steps < 1 or warmup < 0:
@@ -200,11 +205,11 @@ def resolve_settings(o: BenchOptions, cuda: bool) -> Settings:
         paths=check_names(o.paths, PATHS, "paths"), inputs=check_names(o.inputs, INPUTS, "inputs"),
         shards=Path(o.shards) if o.shards else None, gen_images=o.gen_images or (2048 if cuda else 32),
         gen_size=o.gen_size or ((500, 375) if cuda else (40, 36)), gen_classes=o.gen_classes or (100 if cuda else 4),
-        workers=workers, batches=batches, bft_targets=o.bft_targets, num_classes=o.num_classes, steps=steps,
+        workers=workers, batches=batches, finetune_targets=o.finetune_targets, num_classes=o.num_classes, steps=steps,
         warmup=warmup, ds_config=ds_config, ds_adam=check_names(o.ds_adam, ADAM_VARIANTS, "ds_adam") or ["config"],
         eager=check_names(o.eager, EAGER_VARIANTS, "eager") or [LIKE_FOR_LIKE], compile=o.compile,
         zero_stages=check_names(o.zero_stages, list(ZERO_CONFIGS), "zero_stages"),
-        zero_batch=o.zero_batch or batches["mgp"], zero_steps=o.zero_steps, peak_tflops=o.peak_tflops, seed=o.seed,
+        zero_batch=o.zero_batch or batches["pretrain"], zero_steps=o.zero_steps, peak_tflops=o.peak_tflops, seed=o.seed,
     )
 
 
@@ -214,7 +219,7 @@ def make_recipe(s: Settings, stage: str, batch: int) -> Recipe:
     overrides = [*s.overrides, f"train.micro_batch={batch}"]
     if s.shards is not None:
         overrides.append(f"data.path={s.shards}")
-    if stage == "bft" and s.bft_targets == "hard":
+    if stage == "finetune" and s.finetune_targets == "hard":
         overrides += ["augment.mixup=0", "augment.cutmix=0", "augment.label_smoothing=0"]
     return load_recipe(s.recipe_files[stage], overrides)
 

@@ -1,4 +1,5 @@
-"""Analytic model FLOPs per image of an MGP or a BFT training step (the convention of docs/gpu.md).
+"""Analytic model FLOPs per image of a pretraining (MGP) or a fine-tuning (BFT) training step (the convention of
+docs/gpu.md).
 
 A transformer layer on N tokens of width d costs 24*N*d^2 (qkv, projection, 4x MLP) + 4*N^2*d (q.k^T and
 attention x v) forward FLOPs, counting a multiply-add as 2; a training step is 3x the forward (the backward
@@ -10,7 +11,7 @@ from __future__ import annotations
 from livt_ds.config import ModelConfig
 from livt_ds.models.registry import get_size
 
-STAGES = ("mgp", "bft")
+STAGES = ("pretrain", "finetune")
 FORMULA = ("per layer 24*N*d^2 + 4*N^2*d forward, x3 for training; MGP encoder on N = round(L*(1-r))+1 "
            "visible tokens + decoder on L+1 tokens at decoder width; BFT encoder on L+1 tokens. "
            "model_tflops counts the layers only (as the reference figures in docs/gpu.md); "
@@ -24,7 +25,7 @@ def layer_flops(tokens: int, width: int) -> int:
 
 
 def flops_per_image(stage: str, model: ModelConfig, *, num_classes: int) -> dict[str, int]:
-    """FLOPs per image of one ``stage`` ("mgp" or "bft") step of the recipe's ``model``.
+    """FLOPs per image of one ``stage`` ("pretrain" or "finetune") step of the recipe's ``model``.
 
     Returns ``layers_fwd`` (transformer layers only, the reference figures' convention), ``extras_fwd`` (patch
     embedding, decoder embed and prediction, or the classifier head), ``train`` = 3 x layers and
@@ -37,11 +38,11 @@ def flops_per_image(stage: str, model: ModelConfig, *, num_classes: int) -> dict
     pixels = 3 * model.patch_size**2
     d, dd = size.embed_dim, model.decoder_dim
     embed = 2 * patches * pixels * d
-    if stage == "mgp":
+    if stage == "pretrain":
         visible = int(round(patches * (1.0 - model.mask_ratio))) + 1
         layers = size.depth * layer_flops(visible, d) + model.decoder_depth * layer_flops(patches + 1, dd)
         extras = embed + 2 * visible * d * dd + 2 * (patches + 1) * dd * pixels
-    elif stage == "bft":
+    elif stage == "finetune":
         layers = size.depth * layer_flops(patches + 1, d)
         extras = embed + 2 * d * num_classes
     else:

@@ -99,8 +99,9 @@ class PretrainTask:
         return model
 
     def train_transform(self):
-        """uint8 crops (decoded at reduced size where the crop allows); `prepare_batch` normalises on the device."""
-        return transforms.PretrainCrop(self.recipe.model.img_size)
+        """Crops decoded (at reduced size where the crop allows) and cut in the loader; `prepare_batch` resizes,
+        flips and normalises them on the device."""
+        return transforms.PretrainCrop(self.recipe.model.img_size, resize_on_device=True)
 
     def eval_transform(self):
         return transforms.eval_transform(self.recipe.model.img_size, self.mean, self.std, self.recipe.augment.crop_pct)

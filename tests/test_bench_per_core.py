@@ -17,6 +17,10 @@ def test_per_core_writes_pipeline_and_decode_only_rates(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report == json.loads(result.stdout)
-    assert report["pipeline_img_s"] > 0 and report["decode_only_img_s"] > 0 and report["reference_pipeline_img_s"] > 0
+    rates = ("pipeline_img_s", "decode_only_img_s", "resize_in_worker_pipeline_img_s", "reference_pipeline_img_s")
+    assert all(report[k] > 0 for k in rates)
     assert report["pipeline_over_decode"] == round(report["pipeline_img_s"] / report["decode_only_img_s"], 3)
+    assert report["resize_in_worker_over_decode"] == round(
+        report["resize_in_worker_pipeline_img_s"] / report["decode_only_img_s"], 3)
+    assert "CPU second" in report["what"] and "training device" in report["what"]  # what the figure counts
     assert report["images"] == 24 and report["max_side"] == 256 and isinstance(report["machine"]["core"], int)

@@ -35,7 +35,7 @@ def reference(data: bytes, size: int, seed: int) -> torch.Tensor:
 def fast(data: bytes, size: int, seed: int) -> torch.Tensor:
     crop = PretrainCrop(size)
     with seeded_rngs(seed):
-        out = crop(crop.decode(data))
+        out = crop(crop.load(crop.draw(data)))
     assert out.dtype == torch.uint8 and out.shape == (3, size, size)
     return to_model_input(out[None], MEAN, STD)[0]
 
@@ -91,7 +91,7 @@ def test_large_crops_of_a_jpeg_are_decoded_at_reduced_size(monkeypatch):
     crop = PretrainCrop(64)
     for seed in range(20):
         with seeded_rngs(seed):
-            pixels, (top, left, h, w) = crop.decode(data)
+            pixels, (top, left, h, w), _ = crop.load(crop.draw(data))
         assert top >= 0 and left >= 0 and top + h <= pixels.shape[1] and left + w <= pixels.shape[2]
         assert min(h, w) >= 64
     assert sizes and all(w <= 800 for w, _ in sizes)  # every crop of this size allows at least 1/2
@@ -102,6 +102,6 @@ def test_corrupt_bytes_raise_in_decode_and_float_batches_pass_unchanged():
     data = coordinate_image(64, 48, "JPEG")
     for broken in (data[:200], data[: len(data) // 2], b"not an image"):  # the loader counts these as corrupt
         with pytest.raises(OSError):
-            crop.decode(broken)
+            crop.load(crop.draw(broken))
     floats = torch.randn(2, 3, 4, 4)
     assert to_model_input(floats, MEAN, STD) is floats

@@ -71,6 +71,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from livt_ds.data.device_crop import stack_images
 from livt_ds.data.remote import DEFAULT_OPTIONS, RemoteOptions
 from livt_ds.data.shards import (
     decode_image,
@@ -331,22 +332,25 @@ def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
         yield
 
 
-def _load(sample: dict, num_classes: int, decode: Callable[[bytes], object] = decode_image) -> tuple:
+def _load(sample: dict, num_classes: int) -> tuple:
     label = decode_label(sample, num_classes)
-    return decode(sample[image_key(sample)]), label
+    return decode_image(sample[image_key(sample)]), label
 
 
 class _TrainBatch:
     """Chunk of raw samples -> ``(images [B,3,H,W], labels [B] int64)``, corrupt ones replaced.
 
-    The image bytes go through ``transform.decode`` when the transform has one (it may draw random numbers, e.g.
-    a crop box chosen before a reduced-size decode), else through :func:`decode_image` to a PIL image; either way
-    inside the sample's seeded RNGs. A decode error is a corrupt sample (counted, skipped); a transform error is a
-    bug and propagates."""
+    Each sample's random draws happen inside its seeded RNGs. A transform with ``draw`` and ``load`` (PretrainCrop)
+    draws from the bytes (``draw``, seeded, per sample), then the batch's images are decoded back to back (``load``:
+    no random draws) and transformed; any other transform gets the image decoded by :func:`decode_image` to a PIL
+    image and runs inside the sample's seeded RNGs. A ``draw``/``load``/decode error is a corrupt sample (counted,
+    skipped); a transform error is a bug and propagates. The transformed images are batched by
+    ``transform.collate`` when it has one (crops resized on the device), else by :func:`stack_images`."""
 
     def __init__(self, transform: Callable, num_classes: int, seed_key: tuple[int, ...], handler: CountedSkip):
         self.transform, self.num_classes, self.seed_key, self.handler = transform, num_classes, seed_key, handler
-        self.decode = getattr(transform, "decode", decode_image)
+        self.draw, self.load = getattr(transform, "draw", None), getattr(transform, "load", None)
+        self.collate = getattr(transform, "collate", stack_images)
 
     def __call__(self, chunk: list[dict]) -> tuple[Tensor, Tensor]:
         in_process = get_worker_info() is None  # the trainer's own RNG states must survive the transforms
@@ -354,16 +358,30 @@ class _TrainBatch:
             return self._batch(chunk)
 
     def _batch(self, chunk: list[dict]) -> tuple[Tensor, Tensor]:
-        images, labels, errors = [], [], []
+        images, labels, errors, drawn = [], [], [], []
+        two_step = self.draw is not None and self.load is not None
         for sample in chunk:
             seed_rngs(_mix(_SAMPLE, *self.seed_key, sample["__index__"]))
             try:
-                img, label = _load(sample, self.num_classes, self.decode)
+                label = decode_label(sample, self.num_classes)
+                data = sample[image_key(sample)]
+                item = self.draw(data) if two_step else decode_image(data)
             except Exception as exn:  # a corrupt sample is skipped (counted), never a crash
-                errors.append(exn)
-                self.handler(ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {exn!r}"))
+                self._skip(sample, exn, errors)
                 continue
-            images.append(self.transform(img))  # transform errors are bugs, not bad data: they propagate
+            if two_step:
+                drawn.append((sample, item, label))
+            else:
+                images.append(self.transform(item))  # transform errors are bugs, not bad data: they propagate
+                labels.append(label)
+        decoded = []
+        for sample, item, label in drawn:  # back to back: the decoder's code and tables stay in the CPU's caches
+            try:
+                decoded.append((self.load(item), label))
+            except Exception as exn:
+                self._skip(sample, exn, errors)
+        for item, label in decoded:
+            images.append(self.transform(item))
             labels.append(label)
         if not images:
             raise RuntimeError(
@@ -374,7 +392,11 @@ class _TrainBatch:
         for i in range(len(chunk) - good):  # repeats keep the batch full and the raw-sample accounting exact
             images.append(images[i % good])
             labels.append(labels[i % good])
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        return self.collate(images), torch.tensor(labels, dtype=torch.int64)
+
+    def _skip(self, sample: dict, exn: Exception, errors: list[Exception]) -> None:
+        errors.append(exn)
+        self.handler(ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {exn!r}"))
 
 
 def _decode_eval(sample: dict, num_classes: int) -> tuple:
@@ -642,7 +664,8 @@ def train_loader(
     """Training batches ``(images [B,3,H,W], labels [B] int64)`` from ``position`` to the end of epoch
     ``epochs - 1`` (the run's last; default: to the end of ``position.epoch``), in one loader: its workers start
     once and run the epochs back to back. The images are what ``transform`` returns (float32, or uint8 for the
-    transforms that leave conversion and normalisation to the device).
+    transforms that leave conversion and normalisation to the device), or what its ``collate`` makes of them (a
+    ``CropBatch``: crops that the device resizes).
 
     Yields exactly ``(epochs - position.epoch) * position.batches - position.skip`` full batches: what the
     uninterrupted stream yields after the position's first ``skip`` batches. ``shuffle_buffer``: raw (undecoded)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -28,7 +29,10 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: names like __ke
 
 def _read(stream: BinaryIO, size: int) -> bytes:
     """Up to ``size`` bytes: fewer only at the end of the stream (``read`` may return short chunks)."""
-    chunks, left = [], size
+    first = stream.read(size)
+    if len(first) == size or not first:
+        return first
+    chunks, left = [first], size - len(first)
     while left > 0:
         chunk = stream.read(left)
         if not chunk:
@@ -36,6 +40,13 @@ def _read(stream: BinaryIO, size: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _byte_sum(block: bytes) -> int:
+    """The sum of a header's 512 bytes, exactly: adler32's low half is 1 + the byte sum modulo 65521, and the sum of
+    256 bytes stays below 65521 (zlib in C: a tenth of Python's ``sum`` over the bytes)."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
 def _number(field: bytes) -> int:
@@ -72,14 +83,13 @@ def _members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if len(header) < BLOCK or header == _ZERO:
             return  # the end of the archive (or of the stream, at a member boundary)
         stored = _number(header[148:156])
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as 8 spaces
+        if stored != _byte_sum(header) - sum(header[148:156]) + 256:  # the checksum field counts as 8 spaces
             raise tarfile.ReadError("invalid tar header (checksum)")
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax and kind in _REGULAR else _number(header[124:136])
-        data = _read(stream, size)
+        padded = _read(stream, size + -size % BLOCK)  # the member and its padding to the next block, in one read
+        data = padded[:size] if len(padded) > size else padded
         cut = len(data) < size
-        if not cut:
-            _read(stream, -size % BLOCK)  # padding to the next block
         if kind == b"x":
             pax = _pax(data)
         elif kind == b"L":

@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                             max_side=args.max_side, stats_samples=200)  # fmt: skip
         shard_s = time.perf_counter() - t
         results = {}
-        transforms = {"mgp": pretrain_transform(args.img_size, MEAN, STD),
-                      "bft": finetune_transform(args.img_size, MEAN, STD, **PAPER_FINETUNE)}
+        transforms = {"pretrain": pretrain_transform(args.img_size, MEAN, STD),
+                      "finetune": finetune_transform(args.img_size, MEAN, STD, **PAPER_FINETUNE)}
         with contextlib.ExitStack() as stack:
             base_url = stack.enter_context(http_server(Path(tmp))) if args.http else None
             for name, tf in transforms.items():

@@ -47,7 +47,7 @@ def test_bench_data_runs_and_reports_both_pipelines():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["images"] == 24 and report["timed_batches"] == 2 and report["img_size"] == 32
-    assert set(report["results"]) == {"mgp", "bft"}
+    assert set(report["results"]) == {"pretrain", "finetune"}
     for name, r in report["results"].items():
         stream, folder = r["webdataset_stream"]["img_s"], r["imagefolder"]["img_s"]
         assert stream > 0 and folder > 0, name

@@ -92,7 +92,8 @@ def test_mean_std_precedence_recipe_then_meta_then_imagenet():
         crop = mgp.train_transform()  # uint8 crops; the task normalises the batch (on the device)
         png = io.BytesIO()
         flat().save(png, format="PNG")
-        images, _ = mgp.prepare_batch(crop(crop.decode(png.getvalue()))[None], torch.zeros(1, dtype=torch.long))
+        images, _ = mgp.prepare_batch(crop.collate([crop(crop.load(crop.draw(png.getvalue())))]),
+                                      torch.zeros(1, dtype=torch.long))
         torch.testing.assert_close(images[0].mean((1, 2)), expected(mean, std), rtol=0, atol=1e-5)
 
 

@@ -71,6 +71,7 @@ def predicted_accuracy(model: Path, toy_shards: Path, prior: str, tmp_path: Path
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ce_run")
 def test_eval_adjusts_for_the_models_own_loss_not_the_recipes(ce_run, toy_shards, tmp_path, capsys):
     """A CE model evaluated under the Bal-BCE recipe: the adjusted rows are the CE model's."""
     for model in (ce_run, ce_run / "checkpoints", ce_run / "export", ce_run / "export" / "model.pt"):
@@ -88,6 +89,7 @@ def test_eval_adjusts_for_the_models_own_loss_not_the_recipes(ce_run, toy_shards
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ce_run")
 def test_eval_of_a_training_run_writes_under_its_evals_folder(ce_run, toy_shards, tmp_path):
     run = copy_run(ce_run, tmp_path)
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.json", "metrics.jsonl",
@@ -176,6 +178,7 @@ def test_a_fresh_start_in_a_used_folder_needs_overwrite(pipeline_runs, toy_shard
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ce_run")
 def test_overwrite_starts_over(ce_run, toy_shards, tmp_path):
     run = copy_run(ce_run, tmp_path)
     run_livt(["finetune", *BFT_ARGS, "--output", str(run), f"data.path={toy_shards}", "model.init=",

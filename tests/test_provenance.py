@@ -249,6 +249,7 @@ def test_exports_and_evaluations_name_the_weights_they_came_from(pipeline_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_bft")
 def test_resume_from_a_copy_of_the_set_behind_a_url_with_more_retries_is_recorded(finished_bft, toy_shards,
                                                                                    tmp_path):
     from httpserver import serve

@@ -133,6 +133,7 @@ CASES = [(position, reader) for position in ("model_states", "optim_rank0", "opt
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("position", "reader"), CASES, ids=[f"{p}-{r.__name__}" for p, r in CASES])
+@pytest.mark.xdist_group("bft_with_universal")
 def test_a_crafted_file_is_refused_before_it_runs(bft_with_universal, toy_shards, tmp_path, position, reader):
     run, marker = crafted(bft_with_universal, position, tmp_path)
     with pytest.raises(UnsafeWeightsError, match="refused to load") as refused:
@@ -151,6 +152,7 @@ def one_line_refusal(result, command: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bft_with_universal")
 def test_the_commands_fail_with_one_line_and_rc_2(bft_with_universal, toy_shards, tmp_path):
     # predict: the payload sits in rank 1's optimizer shard, which only the universal converter reads
     run, marker = crafted(bft_with_universal, "optim_rank1", tmp_path / "a")
@@ -169,6 +171,7 @@ def test_the_commands_fail_with_one_line_and_rc_2(bft_with_universal, toy_shards
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bft_with_universal")
 def test_resume_refuses_a_crafted_universal_folder(bft_with_universal, toy_shards, tmp_path):
     """1 rank resuming 2 ranks' checkpoint loads its universal form through DeepSpeed's engine, weights-only."""
     run, marker = crafted(bft_with_universal, "universal", tmp_path)

@@ -162,6 +162,6 @@ NOTE_ARGS+=(--note "A few seeds of one small model on one synthetic set: a diffe
 say "writing the report to $DOCS/"
 python -m livt_ds.compare "${RUN_ARGS[@]}" --labels "${LABEL_ARGS[@]}" --output "$DOCS" --meta "$SHARDS" \
     --title "Loss comparison on the demo set" "${NOTE_ARGS[@]}" \
-    --command "$(if [[ "$SEEDS" != 3 ]]; then printf 'COMPARE_SEEDS=%s ' "$SEEDS"; fi; if [[ -n "${COMPARE_LOSSES:-}" ]]; then printf 'COMPARE_LOSSES="%s" ' "$COMPARE_LOSSES"; fi)make compare   # = bash scripts/compare_losses.sh (BFT: configs/demo_bft.yaml, MGP: configs/demo_mgp.yaml)" \
+    --command "$(if [[ "$SEEDS" != 3 ]]; then printf 'COMPARE_SEEDS=%s ' "$SEEDS"; fi; if [[ -n "${COMPARE_LOSSES:-}" ]]; then printf 'COMPARE_LOSSES="%s" ' "$COMPARE_LOSSES"; fi; if [[ -n "${COMPARE_DOCS:-}" ]]; then printf 'COMPARE_DOCS=%s ' "$COMPARE_DOCS"; fi)make compare   # = bash scripts/compare_losses.sh (BFT: configs/demo_bft.yaml, MGP: configs/demo_mgp.yaml)" \
     || die "the report failed (see above)"
 say "finished in $(( $(date +%s) - START )) s; TensorBoard: tensorboard --logdir $OUT"

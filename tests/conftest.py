@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -250,24 +251,34 @@ def _no_process_outlives_its_test():
         kill_tree(proc, dump_stacks=proc.poll() is None)
 
 
-def launch_command(ranks: int, launcher: str = "torchrun") -> list[str]:
-    """The command line that starts ``ranks`` processes of ``python -m livt_ds``: torchrun (one launcher process
-    importing torch only: the cheap default of the suite) or the deepspeed launcher users run (runner + launch,
-    each importing deepspeed), which the shared pipeline runs, the SIGTERM, multi-node and chaos tests use."""
-    n, port = str(launch_ranks(ranks)), str(free_port())
+def launch_command(ranks: int, launcher: str = "shell") -> list[str]:
+    """The command line that starts ``ranks`` processes of ``python -m livt_ds`` (its arguments follow):
+    - ``shell``: the ranks straight from ``sh`` with the variables torchrun would give them (RANK, LOCAL_RANK,
+      WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as a scheduler's launch does; no launcher process
+      importing torch: the cheap default of the suite. The exit code is the first failing rank's.
+    - ``torchrun`` (one launcher process importing torch), kept for the tests that run it;
+    - ``deepspeed``: the launcher users run (runner + launch, each importing deepspeed), which the shared pipeline
+      runs, the SIGTERM, multi-node and chaos tests use."""
+    n, port = launch_ranks(ranks), str(free_port())
     if launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port,
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
                 "--module", "livt_ds"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", port,
-            "--module", "livt_ds"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port,
+                "--module", "livt_ds"]
+    python = shlex.quote(sys.executable)
+    script = (f"export WORLD_SIZE={n} LOCAL_WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 MASTER_PORT={port}; pids=; "
+              f"for r in $(seq 0 {n - 1}); do RANK=$r LOCAL_RANK=$r {python} -m livt_ds \"$@\" & pids=\"$pids $!\"; "
+              "done; rc=0; for p in $pids; do wait $p; s=$?; [ $rc -ne 0 ] || rc=$s; done; exit $rc")
+    return ["sh", "-c", script, "livt-ranks"]
 
 
 def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check: bool = True,
              timeout: float = LAUNCH_TIMEOUT_S, launcher: str | None = None) -> subprocess.CompletedProcess:
-    """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0). A test that
-    reads the exit code (``check=False``) gets the deepspeed launcher by default: it passes a rank's exit code on,
-    while torchrun reports every failure as 1."""
-    launcher = launcher or ("torchrun" if check else "deepspeed")
+    """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0): by default the
+    ``shell`` launch, or the deepspeed launcher for a test that reads the exit code (``check=False``): the one users
+    run, which passes a rank's exit code on."""
+    launcher = launcher or ("shell" if check else "deepspeed")
     if ranks:
         cmd = [*launch_command(ranks, launcher), *args]
     else:

@@ -258,7 +258,7 @@ def launch_command(ranks: int, launcher: str = "shell") -> list[str]:
       importing torch: the cheap default of the suite. The exit code is the first failing rank's.
     - ``torchrun`` (one launcher process importing torch), kept for the tests that run it;
     - ``deepspeed``: the launcher users run (runner + launch, each importing deepspeed), which the shared pipeline
-      runs, the SIGTERM, multi-node and chaos tests use."""
+      runs, the SIGTERM and multi-node tests use."""
     n, port = launch_ranks(ranks), str(free_port())
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,

@@ -256,15 +256,11 @@ def launch_command(ranks: int, launcher: str = "shell") -> list[str]:
     - ``shell``: the ranks straight from ``sh`` with the variables torchrun would give them (RANK, LOCAL_RANK,
       WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as a scheduler's launch does; no launcher process
       importing torch: the cheap default of the suite. The exit code is the first failing rank's.
-    - ``torchrun`` (one launcher process importing torch), kept for the tests that run it;
     - ``deepspeed``: the launcher users run (runner + launch, each importing deepspeed), which the shared pipeline
       runs, the SIGTERM and multi-node tests use."""
     n, port = launch_ranks(ranks), str(free_port())
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
-                "--module", "livt_ds"]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port,
                 "--module", "livt_ds"]
     python = shlex.quote(sys.executable)
     script = (f"export WORLD_SIZE={n} LOCAL_WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 MASTER_PORT={port}; pids=; "

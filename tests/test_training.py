@@ -1,5 +1,6 @@
-"""End-to-end DeepSpeed runs on CPU (gloo, 2 ranks) through the real CLI: ranks started from a shell or torchrun,
-and the deepspeed launcher for the shared pipeline runs and SIGTERM (the multi-node launch is in test_scale_out.py)."""
+"""End-to-end DeepSpeed runs on CPU (gloo, 2 ranks) through the real CLI: ranks started from a shell with the
+launcher variables, and the deepspeed launcher for the shared pipeline runs and SIGTERM (the multi-node launch is
+in test_scale_out.py)."""
 
 from __future__ import annotations
 
@@ -212,7 +213,7 @@ def test_resume_follows_the_uninterrupted_run(pipeline_runs, toy_shards, tmp_pat
         run_livt(["pretrain", *args, "--output", str(full_run)])
     run_livt(["pretrain", *args, "--output", str(tmp_path / "part"), "train.stop_after_steps=2"])
     assert (tmp_path / "part" / "checkpoints" / "step00000002").is_dir()
-    run_livt(["pretrain", *args, "--output", str(tmp_path / "part"), "--resume", "auto"], launcher="torchrun")
+    run_livt(["pretrain", *args, "--output", str(tmp_path / "part"), "--resume", "auto"])
     full, part = train_losses(full_run), train_losses(tmp_path / "part")
     assert sorted(full) == list(range(1, 7)) and sorted(part) == list(range(1, 7))
     for step in range(1, 7):

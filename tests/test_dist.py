@@ -3,6 +3,9 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* that torch.distributed reads; a plain 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from livt_ds.dist import cuda_device_index, expand_nodelist, launcher_settings, slurm_port
@@ -101,9 +104,6 @@ def test_the_environment_is_not_touched():
 def test_a_rank_imports_deepspeeds_muon_module_without_loading_inductor():
     """DeepSpeed's ZeRO optimizers import its Muon module even for AdamW; compiled at import, it would load Inductor
     into every rank's start-up. ``import_muon_uncompiled`` imports it with dynamo off, and restores the setting."""
-    import subprocess
-    import sys
-
     code = ("import os, sys\n"
             "from livt_ds.engine import import_muon_uncompiled\n"
             "import_muon_uncompiled()\n"

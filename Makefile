@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # DeepSpeed's JIT-built CPU ops live in the venv, built once by `make venv` (not by the first test launch).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+# The venv's bin first for every target: torch builds and checks those ops with the `ninja` it finds on PATH, and
+# two ninja versions (the venv's and the system's) read each other's build log as stale and rebuild (25-60 s).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv test lint demo compare bench clean
 
@@ -29,10 +32,10 @@ lint: venv
 	$(PY) -m ruff check livt_ds scripts tests
 
 demo: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
+	bash scripts/demo.sh
 
 compare: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/compare_losses.sh
+	bash scripts/compare_losses.sh
 
 bench: venv
 	DS_ACCELERATOR=cpu $(PY) scripts/bench_train.py --device cpu

@@ -251,19 +251,24 @@ def _no_process_outlives_its_test():
         kill_tree(proc, dump_stacks=proc.poll() is None)
 
 
-def launch_command(ranks: int, launcher: str = "shell") -> list[str]:
-    """The command line that starts ``ranks`` processes of ``python -m livt_ds`` (its arguments follow):
-    - ``shell``: the ranks straight from ``sh`` with the variables torchrun would give them (RANK, LOCAL_RANK,
-      WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as a scheduler's launch does; no launcher process
-      importing torch: the cheap default of the suite. The exit code is the first failing rank's.
+def launch_command(ranks: int, launcher: str = "fork") -> list[str]:
+    """The command line that starts ``ranks`` ranks of `livt` (its arguments follow), each with the variables
+    torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT):
+    - ``fork``: the suite's cheap default. On CPU, tests/fork_ranks.py imports the package once and forks the ranks
+      (half the CPU of a 2-rank launch); on CUDA the ranks are ``python -m livt_ds`` processes started from ``sh``.
+      The exit code is the first failing rank's.
     - ``deepspeed``: the launcher users run (runner + launch, each importing deepspeed), which the shared pipeline
       runs, the SIGTERM and multi-node tests use."""
     n, port = launch_ranks(ranks), str(free_port())
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
                 "--module", "livt_ds"]
+    variables = f"WORLD_SIZE={n} LOCAL_WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 MASTER_PORT={port}"
     python = shlex.quote(sys.executable)
-    script = (f"export WORLD_SIZE={n} LOCAL_WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 MASTER_PORT={port}; pids=; "
+    if TEST_DEVICE == "cpu":
+        fork = shlex.quote(str(REPO / "tests" / "fork_ranks.py"))
+        return ["sh", "-c", f'export {variables}; exec {python} {fork} {n} "$@"', "livt-ranks"]
+    script = (f"export {variables}; pids=; "
               f"for r in $(seq 0 {n - 1}); do RANK=$r LOCAL_RANK=$r {python} -m livt_ds \"$@\" & pids=\"$pids $!\"; "
               "done; rc=0; for p in $pids; do wait $p; s=$?; [ $rc -ne 0 ] || rc=$s; done; exit $rc")
     return ["sh", "-c", script, "livt-ranks"]
@@ -272,9 +277,9 @@ def launch_command(ranks: int, launcher: str = "shell") -> list[str]:
 def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check: bool = True,
              timeout: float = LAUNCH_TIMEOUT_S, launcher: str | None = None) -> subprocess.CompletedProcess:
     """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0): by default the
-    ``shell`` launch, or the deepspeed launcher for a test that reads the exit code (``check=False``): the one users
+    ``fork`` launch, or the deepspeed launcher for a test that reads the exit code (``check=False``): the one users
     run, which passes a rank's exit code on."""
-    launcher = launcher or ("shell" if check else "deepspeed")
+    launcher = launcher or ("fork" if check else "deepspeed")
     if ranks:
         cmd = [*launch_command(ranks, launcher), *args]
     else:

@@ -54,10 +54,10 @@ def last_records(run: Path, key: str) -> dict[int, dict]:
 
 
 class Launch:
-    """One ``livt finetune`` with its 2 ranks started from ``sh`` (conftest's shell launch), in a session of its own
-    so that the shell, the ranks and their DataLoader workers can be killed together, as a crashing node or the OOM
-    killer would. (Not torchrun: it starts each rank in a session of its own, so a kill of its group leaves the
-    ranks running.)"""
+    """One ``livt finetune`` with its 2 ranks (conftest's fork launch: one parent process, the ranks forked from
+    it), in a session of its own so that the parent, the ranks and their DataLoader workers can be killed together,
+    as a crashing node or the OOM killer would. (Not torchrun: it starts each rank in a session of its own, so a kill
+    of its group leaves the ranks running.)"""
 
     def __init__(self, run: Path, shards: Path, log: Path, recipe: list[str] = RECIPE):
         cmd = [*launch_command(2), "finetune", *recipe, "--output", str(run), f"data.path={shards}",

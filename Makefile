@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m ruff check livt_ds scripts tests
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=15 tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -x -n 3 --dist loadgroup --durations=15 tests
 
 lint: venv
 	$(PY) -m ruff check livt_ds scripts tests

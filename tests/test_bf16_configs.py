@@ -3,8 +3,8 @@ GPUs with LIVT_TEST_DEVICE=cuda (scripts/gpu_check.sh; the world-size change nee
 
 Per config: MGP (uninterrupted, saving a checkpoint every step), its step-2 checkpoint resumed with `--resume auto`
 in another folder (same per-step losses), the same checkpoint resumed on 1 rank through the universal format, BFT
-with model.init = the MGP run, `livt eval` of the BFT export, exports of both: 5 launches, each serving all the
-checks that read it. Plus the dtype gradients really accumulate in, for each config.
+with model.init = the MGP run, exports of both, and `livt eval`'s evaluation of the BFT export (in this process):
+4 launches, each serving all the checks that read it. Plus the dtype gradients really accumulate in, for each config.
 
 Each config is one xdist group: its runs are trained once, on one worker; the configs spread over the workers.
 """
@@ -59,6 +59,8 @@ per_config = pytest.mark.parametrize(
 @pytest.fixture(scope="module")
 def chain(request, toy_shards, tmp_path_factory) -> dict:
     """The runs of one config; each assertion below reads them, none launches its own."""
+    from livt_ds.config import load_recipe
+    from livt_ds.evaluate import run_eval
     from livt_ds.weights import export
 
     ds = request.param
@@ -75,8 +77,10 @@ def chain(request, toy_shards, tmp_path_factory) -> dict:
     run_livt(["finetune", *bft_args(ds, toy_shards), "--output", str(out / "bft"), f"model.init={out / 'mgp'}"])
     for run in ("mgp", "bft", "one_rank") if WORLD == 2 else ("mgp", "bft"):
         export(out / run)
-    run_livt(["eval", *bft_args(ds, toy_shards), "--output", str(out / "eval"),
-              f"model.init={out / 'bft' / 'export' / 'model.pt'}"], ranks=0)
+    # what `livt eval` runs, in this process (no engine, no process group: an interpreter start-up spared)
+    recipe = load_recipe(str(REPO / "configs" / "tiny_bft.yaml"),
+                         [*bft_args(ds, toy_shards)[4:], f"model.init={out / 'bft' / 'export' / 'model.pt'}"])
+    run_eval(recipe, str(REPO / "ds_configs" / ds), out / "eval")
     return {"ds": ds, "out": out, "stopped_tag": stopped_tag, "saved": saved,
             "resumed_log": resumed.stdout + resumed.stderr}
 

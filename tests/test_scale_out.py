@@ -21,7 +21,7 @@ from livt_ds.errors import CheckpointError
 MGP = ["--config", str(REPO / "configs" / "tiny_mgp.yaml"), "--ds-config", str(REPO / "ds_configs" / "cpu_fp32.json")]
 # batch 16 with a micro-batch ceiling of 4: micro 2 on 8 ranks, micro 4 on 4 ranks (51 images: 3 steps per epoch);
 # no DataLoader workers: 12 fewer processes on a 2-core machine
-LAYOUT = ["train.batch_size=16", "train.micro_batch=4", "train.epochs=2", "eval.every=0", "data.num_workers=0"]
+LAYOUT = ["train.batch_size=16", "train.micro_batch=4", "train.epochs=1", "eval.every=0", "data.num_workers=0"]
 
 
 def launch_nodes(args: list[str], cwds: list[Path], ranks_per_node: int, tmp_path: Path,
@@ -71,10 +71,10 @@ def test_two_nodes_of_4_stop_and_resume_on_one_node_of_4(toy_shards, tmp_path):
     assert f"resumed from {ckpt / 'step00000002'} at step 2" in text, text[-4000:]
     assert "batch 16 = 4 x 1 x 4 ranks" in text
     assert (ckpt / "step00000002_universal").is_dir()
-    assert sorted(train_losses(out)) == list(range(1, 7))
-    assert (ckpt / "latest").read_text().strip() == "step00000006"
-    assert len(list((ckpt / "step00000006").glob("*optim_states.pt"))) == 4
-    saved, final = fp32_weights(ckpt, "step00000002"), fp32_weights(ckpt, "step00000006")
+    assert sorted(train_losses(out)) == list(range(1, 4))
+    assert (ckpt / "latest").read_text().strip() == "step00000003"
+    assert len(list((ckpt / "step00000003").glob("*optim_states.pt"))) == 4
+    saved, final = fp32_weights(ckpt, "step00000002"), fp32_weights(ckpt, "step00000003")
     assert saved.keys() == final.keys()
     for key in saved:
         assert torch.equal(saved[key], final[key]), key

@@ -30,6 +30,7 @@ import yaml
 
 from livt_ds import report
 from livt_ds.data.longtail import FEW_SHOT, MANY_SHOT
+from livt_ds.losses import default_drw_epoch
 from livt_ds.metrics import ECE_BINS
 from livt_ds.run_files import CONFIG, EVAL_METRICS, METRICS_LOG, RUN_INFO, TEST_METRICS
 
@@ -285,6 +286,9 @@ def _setting(recipe: Mapping[str, Any], section: str, key: str) -> str:
     value = recipe.get(section, {}).get(key)
     if section == "loss" and key in _LOSS_KEY_USERS and recipe.get("loss", {}).get("name") not in _LOSS_KEY_USERS[key]:
         value = None  # a key the run's loss does not use (tau only scales the balanced losses' bias)
+    if key == "drw_epoch" and value is None and recipe.get("loss", {}).get("name") == "ldam":
+        epochs = recipe.get("train", {}).get("epochs")
+        value = f"{default_drw_epoch(epochs)} (default)" if epochs else None  # the epoch the loss really used
     if value is None or value == "":
         return "\u2013"
     return str(value).replace("|", "\\|")

@@ -64,6 +64,7 @@ def test_compare_shows_test_numbers_and_new_loss_settings(tmp_path, capsys) -> N
     row = next(line for line in lines if line.startswith("| LDAM-DRW | `"))
     cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True))
     assert (cells["beta"], cells["margin"], cells["scale"], cells["gamma"]) == ("0.9999", "0.5", "30.0", "\u2013")
+    assert cells["DRW epoch"] == "2 (default)"  # drw_epoch unset: 80 % of the fake runs' 3 epochs, rounded down
 
 
 def test_livt_compare_without_test_numbers_has_no_test_section(tmp_path) -> None:

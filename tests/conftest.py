@@ -40,6 +40,11 @@ VAL_PER_CLASS = 5
 # than 2 free cores raise both: LIVT_LAUNCH_TIMEOUT_S=900 pytest --timeout 1800 ...
 LAUNCH_TIMEOUT_S = float(os.environ.get("LIVT_LAUNCH_TIMEOUT_S", "240"))
 
+# Each pytest worker computes in-process on one thread: the workers share the 2 cores with each other and with the
+# launches' ranks, and OpenMP threads of several processes on the same cores spin against each other (an in-process
+# evaluation took 10x its time beside a launch). Set before torch is first imported, here or by a test module.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 # DeepSpeed's JIT ops (shm comm, CPU Adam): `make venv` builds them into .venv/torch_extensions; use that copy
 # when pytest is run by hand too, instead of building another one in ~/.cache.
 if (Path(sys.prefix) / "torch_extensions").is_dir():

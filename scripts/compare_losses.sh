@@ -123,16 +123,20 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
             say "runs/demo/bft (make demo) is this very run (same recipe, MGP and seed): reusing it"
             run=runs/demo/bft
         else
+            part=""  # a launch that resumes an interrupted run times only its own part: not a run's wall time
+            [[ -d "$run/checkpoints" ]] && part="; this launch resumed an interrupted run"
             ds_launch finetune \
                 --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$run" "${overrides[@]}" log.progress=false \
                 || die "BFT ${LABELS[$i]} seed $seed failed (see above); its run folder is $run"
-            echo "$(( $(date +%s) - T )) s wall on $DEVICE_TEXT (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))" \
+            echo "$(( $(date +%s) - T )) s wall on $DEVICE_TEXT (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))$part" \
                 > "$run/wall_time.txt"
             say "${LABELS[$i]} seed $seed done in $(( $(date +%s) - T )) s"
         fi
         RUN_ARGS+=("$run")
         LABEL_ARGS+=("${LABELS[$i]}")
-        if [[ -f "$run/wall_time.txt" ]]; then WALLS+=("$(cut -d' ' -f1 "$run/wall_time.txt")"); fi
+        if [[ -f "$run/wall_time.txt" ]] && ! grep -q "resumed an interrupted run" "$run/wall_time.txt"; then
+            WALLS+=("$(cut -d' ' -f1 "$run/wall_time.txt")")
+        fi
     done
 done
 NOTES=()

@@ -254,7 +254,11 @@ def test_shards_damaged_during_training_are_skipped_and_counted(toy_shards, tmp_
     shards = tmp_path / "shards"
     shutil.copytree(toy_shards, shards)  # never the shared fixture files
     run = tmp_path / "run"
-    recipe = [*RECIPE[:RECIPE.index(f"train.epochs={EPOCHS}")], "train.epochs=3", "eval.every=0",
+    # 6 epochs of 3 steps: a busy machine may log several steps before this process gets to damage the files, and
+    # the epochs after the damage must still read them
+    epochs = 6
+    steps = epochs * STEPS_PER_EPOCH
+    recipe = [*RECIPE[:RECIPE.index(f"train.epochs={EPOCHS}")], f"train.epochs={epochs}", "eval.every=0",
               "checkpoint.every_steps=0", "log.every_steps=1", "log.progress=false",
               "data.num_workers=1"]  # a loader worker reads the damaged shards: its skips count too
     launch = Launch(run, shards, tmp_path / "launch.log", recipe)
@@ -271,7 +275,7 @@ def test_shards_damaged_during_training_are_skipped_and_counted(toy_shards, tmp_
         if launch.proc.poll() is None:
             launch.kill()
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
-    assert [r["step"] for r in records] == list(range(1, 10))
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in records)
     assert read_status(run)["phase"] == "finished"
     samples = [r["data/skipped_samples"] for r in records]
@@ -281,7 +285,7 @@ def test_shards_damaged_during_training_are_skipped_and_counted(toy_shards, tmp_
     assert samples == sorted(samples) and shard_reads == sorted(shard_reads)  # counts only grow
     assert all(s >= r for s, r in zip(samples, shard_reads))  # a skipped shard read is a skipped sample too
     next_epoch = (damaged_after // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH  # its loader reads the damaged files
-    assert next_epoch < 9, f"the damage came after step {damaged_after}: too late to be read (machine too busy?)"
+    assert next_epoch < steps, f"the damage came after step {damaged_after}: too late to be read (machine too busy?)"
     assert all(r > 0 for r in shard_reads[next_epoch:])
 
     # the totals are the run's, not the launch's: a resume carries them on. With the shards repaired, the resumed
@@ -291,10 +295,10 @@ def test_shards_damaged_during_training_are_skipped_and_counted(toy_shards, tmp_
     latest = (run / "checkpoints" / "latest").read_text().strip()
     saved = json.loads((run / "checkpoints" / latest / "train_state.json").read_text())["skipped"]
     assert saved["shards"] >= shard_reads[-1] > 0 and saved["samples"] >= samples[-1] > 0
-    run_livt(["finetune", *recipe[:recipe.index("train.epochs=3")], "train.epochs=4",
-              *recipe[recipe.index("train.epochs=3") + 1:], "--output", str(run), f"data.path={shards}",
-              "--allow-recipe-change"])
-    resumed = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and r["step"] > 9]
-    assert [r["step"] for r in resumed] == [10, 11, 12]
+    at = recipe.index(f"train.epochs={epochs}")
+    run_livt(["finetune", *recipe[:at], f"train.epochs={epochs + 1}", *recipe[at + 1:], "--output", str(run),
+              f"data.path={shards}", "--allow-recipe-change"])
+    resumed = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and r["step"] > steps]
+    assert [r["step"] for r in resumed] == [steps + 1, steps + 2, steps + 3]
     assert all(r["data/skipped_shards"] == saved["shards"] and r["data/skipped_samples"] == saved["samples"]
                for r in resumed), (saved, resumed)

@@ -108,7 +108,8 @@ def test_cpu_run_reports_every_stage_path_and_input(tiny_shards, tmp_path):
             "images_per_s"]
         baseline = e["images_per_s"] if e["path"] == "baseline" else by_key[(e["stage"], "pure-foreach",
                                                                               e["input"])]["images_per_s"]
-        assert e["ratio_project_over_baseline"] == pytest.approx(project / baseline, rel=1e-3)
+        # the document rounds the ratio to 4 decimals (a busy machine can make it as small as 0.02)
+        assert e["ratio_project_over_baseline"] == pytest.approx(project / baseline, rel=1e-3, abs=5e-5)
     for stage in ("pretrain", "finetune"):
         # Same seed, batch, parameter groups, learning rate and loss: on the CPU (fp32 everywhere) the engine and
         # both eager loops compute the same training, step after step, whichever AdamW implementation runs it.

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # DeepSpeed's JIT-built CPU ops live in the venv, built once by `make venv` (not by the first test launch).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 # The venv's bin first for every target: torch builds and checks those ops with the `ninja` it finds on PATH, and
-# two ninja versions (the venv's and the system's) read each other's build log as stale and rebuild (25-60 s).
+# two ninja versions (the venv's and the system's) read each other's build log as stale and rebuild (25-70 s per op).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv test lint demo compare bench clean

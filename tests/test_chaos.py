@@ -254,12 +254,11 @@ def test_shards_damaged_during_training_are_skipped_and_counted(toy_shards, tmp_
     shards = tmp_path / "shards"
     shutil.copytree(toy_shards, shards)  # never the shared fixture files
     run = tmp_path / "run"
-    # 6 epochs of 3 steps: a busy machine may log several steps before this process gets to damage the files, and
-    # the epochs after the damage must still read them
-    epochs = 6
-    steps = epochs * STEPS_PER_EPOCH
-    recipe = [*RECIPE[:RECIPE.index(f"train.epochs={EPOCHS}")], f"train.epochs={epochs}", "eval.every=0",
-              "checkpoint.every_steps=0", "log.every_steps=1", "log.progress=false",
+    # all EPOCHS epochs: a busy machine may log several steps before this process gets to damage the files, and the
+    # epochs after the damage must still read them
+    steps = EPOCHS * STEPS_PER_EPOCH
+    recipe = [*RECIPE[:RECIPE.index(f"train.epochs={EPOCHS}") + 1], "eval.every=0", "checkpoint.every_steps=0",
+              "log.every_steps=1", "log.progress=false",
               "data.num_workers=1"]  # a loader worker reads the damaged shards: its skips count too
     launch = Launch(run, shards, tmp_path / "launch.log", recipe)
     try:
@@ -295,8 +294,8 @@ def test_shards_damaged_during_training_are_skipped_and_counted(toy_shards, tmp_
     latest = (run / "checkpoints" / "latest").read_text().strip()
     saved = json.loads((run / "checkpoints" / latest / "train_state.json").read_text())["skipped"]
     assert saved["shards"] >= shard_reads[-1] > 0 and saved["samples"] >= samples[-1] > 0
-    at = recipe.index(f"train.epochs={epochs}")
-    run_livt(["finetune", *recipe[:at], f"train.epochs={epochs + 1}", *recipe[at + 1:], "--output", str(run),
+    at = recipe.index(f"train.epochs={EPOCHS}")
+    run_livt(["finetune", *recipe[:at], f"train.epochs={EPOCHS + 1}", *recipe[at + 1:], "--output", str(run),
               f"data.path={shards}", "--allow-recipe-change"])
     resumed = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and r["step"] > steps]
     assert [r["step"] for r in resumed] == [steps + 1, steps + 2, steps + 3]

@@ -1,16 +1,18 @@
 """Shared fixtures and launch helpers for the suite. Reuse them rather than training new runs.
 
-Data and runs, each built once per test session (under ``pytest -n 2`` once for all workers, see ``shared_folder``):
+Data and runs, each built once per test session (under ``pytest -n 3`` once for all workers, see ``shared_folder``):
 - ``toy_shards``: 51 long-tailed training images (24/14/8/5 over 4 classes) in 4 shards, 20 balanced val images.
 - ``pipeline_runs``: ``mgp`` (tiny MGP, ZeRO-2 fp32, 2 epochs = 6 steps, evaluated each epoch) -> ``bft`` (tiny BFT
   from it, no mixup/cutmix) -> both exported; 2 CPU ranks under the deepspeed launcher. The launches' stdout/stderr
   are kept as ``<run>.stdout`` / ``<run>.stderr`` beside the run folders. Treat the folders as read-only: copy
   what a test changes.
 
-Processes: every launch runs in a session of its own and is killed, with every process it started, when it outlives
-its timeout or the test (``run_livt``, ``run_process``, ``start_process``). Before the kill each Python process of it
-is sent SIGABRT, so that faulthandler (PYTHONFAULTHANDLER=1) prints where it was stuck into the captured output.
-The suite runs with ``-n 2 --dist loadgroup`` (``make test``); tests marked ``xdist_group(name)`` run on one worker,
+Processes: every launch runs in a process group of its own and is killed, with every process it started, when it
+outlives its timeout or the test (``run_livt``, ``run_process``, ``start_process``). Before the kill each Python
+process of it is sent SIGABRT, so that faulthandler (PYTHONFAULTHANDLER=1) prints where it was stuck into the
+captured output. Launches on CPU are forked from a process that has imported the package: each pytest process's fork
+server (``fork_launch``; tests/fork_ranks.py).
+The suite runs with ``-n 3 --dist loadgroup`` (``make test``); tests marked ``xdist_group(name)`` run on one worker,
 one after another: ``serial`` for the timing-sensitive ones (SIGTERM, chaos).
 """
 
@@ -166,11 +168,13 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------------------------------------ processes
 _LIVE: set[subprocess.Popen] = set()  # started by start_process and not yet waited for
+# A process group of its own, in the session of pytest (the fork server's launches join their client's group).
+NEW_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and every live descendant (torchrun puts each rank in a session of its own: a group kill alone
-    would miss them), found through /proc."""
+    """``pid``, every live descendant (torchrun puts each rank in a session of its own: a group kill alone would miss
+    them) and every process of its group (the fork server's launches join their client's group), through /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -179,12 +183,29 @@ def process_tree(pid: int) -> list[int]:
             except OSError:
                 continue
             children.setdefault(int(fields[1]), []).append(int(entry))
-    tree, todo = [], [pid]
+            if int(fields[2]) == pid:
+                children.setdefault(pid, []).append(int(entry))
+    tree, todo = set(), [pid]
     while todo:
         current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
+        if current not in tree:
+            tree.add(current)
+            todo.extend(children.get(current, []))
+    return sorted(tree)
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of group ``pgid`` exists and is not a zombie (a zombie holds nothing any more)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def kill_tree(proc: subprocess.Popen, dump_stacks: bool = True) -> None:
@@ -215,9 +236,9 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def start_process(cmd: list[str], **kwargs) -> subprocess.Popen:
-    """``subprocess.Popen`` in a session of its own (the launcher, its ranks and their loader workers form one
-    process group), killed with all it started at the end of the test if it is still running then."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    """``subprocess.Popen`` in a process group of its own (the launcher, its ranks and their loader workers), killed
+    with all it started at the end of the test if it is still running then."""
+    proc = subprocess.Popen(cmd, **NEW_PROCESS_GROUP, **kwargs)
     _LIVE.add(proc)
     return proc
 
@@ -256,12 +277,68 @@ def _no_process_outlives_its_test():
         kill_tree(proc, dump_stacks=proc.poll() is None)
 
 
+# The fork servers of this pytest process (tests/fork_ranks.py --serve), one per environment its launches have had;
+# LIVT_FORK_SERVER=0 turns them off (each launch then imports the package itself, as `python tests/fork_ranks.py`).
+USE_FORK_SERVER = TEST_DEVICE == "cpu" and os.environ.get("LIVT_FORK_SERVER", "1") != "0"
+KEPT_FORK_SERVERS = 2  # tests that import the package in-process change os.environ once or twice, then it holds
+_FORK_SERVERS: dict[str, tuple[str, subprocess.Popen]] = {}  # environment -> (socket path, process), oldest first
+
+
+def fork_server() -> tuple[str, subprocess.Popen]:
+    """The socket path and process of the fork server for the launches' environment now (``launcher_env``), started
+    at its first launch: it imports the package once and forks every later launch from that copy. The socket is
+    bound here and handed over, so a launch can connect (and wait) before the server has finished importing."""
+    import socket
+    import tempfile
+
+    from fork_ranks import LAUNCH_VARIABLES
+
+    env = launcher_env()
+    key = json.dumps(sorted((name, value) for name, value in env.items() if name not in LAUNCH_VARIABLES))
+    if key in _FORK_SERVERS and _FORK_SERVERS[key][1].poll() is None:
+        return _FORK_SERVERS[key]
+    path = os.path.join(tempfile.mkdtemp(prefix="livt-fork-"), "socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(16)
+        process = subprocess.Popen([sys.executable, str(REPO / "tests" / "fork_ranks.py"), "--serve",
+                                    str(listener.fileno())], pass_fds=[listener.fileno()], env=env,
+                                   stdin=subprocess.DEVNULL, **NEW_PROCESS_GROUP)
+    _FORK_SERVERS.pop(key, None)
+    _FORK_SERVERS[key] = path, process
+    while len(_FORK_SERVERS) > KEPT_FORK_SERVERS:
+        _stop_fork_server(*_FORK_SERVERS.pop(next(iter(_FORK_SERVERS))))
+    return path, process
+
+
+def _stop_fork_server(path: str, process: subprocess.Popen) -> None:
+    """Its launches live on: each is in its own client's process group."""
+    process.kill()
+    process.wait()
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_fork_servers():
+    yield
+    while _FORK_SERVERS:
+        _stop_fork_server(*_FORK_SERVERS.popitem()[1])
+
+
+def fork_launch(ranks: int) -> list[str]:
+    """The command that runs `livt ARGS` (appended) on ``ranks`` forked CPU ranks, 0 for one plain process: through
+    the fork server, or ``python tests/fork_ranks.py`` (which imports the package itself)."""
+    if USE_FORK_SERVER:
+        return [sys.executable, str(REPO / "tests" / "fork_client.py"), fork_server()[0], str(ranks)]
+    return [sys.executable, str(REPO / "tests" / "fork_ranks.py"), str(ranks)]
+
+
 def launch_command(ranks: int, launcher: str = "fork") -> list[str]:
     """The command line that starts ``ranks`` ranks of `livt` (its arguments follow), each with the variables
     torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT):
-    - ``fork``: the suite's cheap default. On CPU, tests/fork_ranks.py imports the package once and forks the ranks
-      (half the CPU of a 2-rank launch); on CUDA the ranks are ``python -m livt_ds`` processes started from ``sh``.
-      The exit code is the first failing rank's.
+    - ``fork``: the suite's cheap default. On CPU the ranks are forked from a process that has imported the package
+      (``fork_launch``: a fourth of the CPU of a 2-rank launch); on CUDA they are ``python -m livt_ds`` processes
+      started from ``sh``. The exit code is the first failing rank's.
     - ``deepspeed``: the launcher users run (runner + launch, each importing deepspeed), which the shared pipeline
       runs, the SIGTERM and multi-node tests use."""
     n, port = launch_ranks(ranks), str(free_port())
@@ -269,10 +346,9 @@ def launch_command(ranks: int, launcher: str = "fork") -> list[str]:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
                 "--module", "livt_ds"]
     variables = f"WORLD_SIZE={n} LOCAL_WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 MASTER_PORT={port}"
-    python = shlex.quote(sys.executable)
     if TEST_DEVICE == "cpu":
-        fork = shlex.quote(str(REPO / "tests" / "fork_ranks.py"))
-        return ["sh", "-c", f'export {variables}; exec {python} {fork} {n} "$@"', "livt-ranks"]
+        return ["sh", "-c", f'export {variables}; exec {shlex.join(fork_launch(n))} "$@"', "livt-ranks"]
+    python = shlex.quote(sys.executable)
     script = (f"export {variables}; pids=; "
               f"for r in $(seq 0 {n - 1}); do RANK=$r LOCAL_RANK=$r {python} -m livt_ds \"$@\" & pids=\"$pids $!\"; "
               "done; rc=0; for p in $pids; do wait $p; s=$?; [ $rc -ne 0 ] || rc=$s; done; exit $rc")
@@ -281,14 +357,15 @@ def launch_command(ranks: int, launcher: str = "fork") -> list[str]:
 
 def run_livt(args: list[str], *, ranks: int = 2, cwd: Path | None = None, check: bool = True,
              timeout: float = LAUNCH_TIMEOUT_S, launcher: str | None = None) -> subprocess.CompletedProcess:
-    """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (or plainly when ranks == 0): by default the
-    ``fork`` launch, or the deepspeed launcher for a test that reads the exit code (``check=False``): the one users
-    run, which passes a rank's exit code on."""
+    """Run `livt ARGS` with ``ranks`` CPU processes under ``launcher`` (ranks == 0: one process without a launcher's
+    variables): by default the ``fork`` launch, or the deepspeed launcher for a test that reads the exit code
+    (``check=False``): the one users run, which passes a rank's exit code on."""
     launcher = launcher or ("fork" if check else "deepspeed")
     if ranks:
         cmd = [*launch_command(ranks, launcher), *args]
     else:
-        cmd = [sys.executable, "-m", "livt_ds", *args]
+        plain = fork_launch(0) if TEST_DEVICE == "cpu" else [sys.executable, "-m", "livt_ds"]
+        cmd = [*plain, *args]
     result = run_process(cmd, cwd=cwd or REPO, env=launcher_env(), timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"

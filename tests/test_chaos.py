@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launch_command, launcher_env, read_jsonl, run_livt, start_process, train_losses
+from conftest import REPO, group_alive, launch_command, launcher_env, read_jsonl, run_livt, start_process, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]  # timing-sensitive: never two at once
 
@@ -54,10 +54,10 @@ def last_records(run: Path, key: str) -> dict[int, dict]:
 
 
 class Launch:
-    """One ``livt finetune`` with its 2 ranks (conftest's fork launch: one parent process, the ranks forked from
-    it), in a session of its own so that the parent, the ranks and their DataLoader workers can be killed together,
-    as a crashing node or the OOM killer would. (Not torchrun: it starts each rank in a session of its own, so a kill
-    of its group leaves the ranks running.)"""
+    """One ``livt finetune`` with its 2 ranks (conftest's fork launch: a launch process and the ranks forked from
+    it, all in the group of the process the test starts), in a process group of its own so that the launch, the
+    ranks and their DataLoader workers can be killed together, as a crashing node or the OOM killer would. (Not
+    torchrun: it starts each rank in a session of its own, so a kill of its group leaves the ranks running.)"""
 
     def __init__(self, run: Path, shards: Path, log: Path, recipe: list[str] = RECIPE):
         cmd = [*launch_command(2), "finetune", *recipe, "--output", str(run), f"data.path={shards}",
@@ -105,20 +105,6 @@ class Launch:
     def tail(self, n: int = 6000) -> str:
         text = self.log.read_text(errors="replace") if self.log.is_file() else ""
         return "\n".join(line for line in text.splitlines() if "rank1]" not in line)[-n:]
-
-
-def group_alive(pgid: int) -> bool:
-    """True while a process of group ``pgid`` exists and is not a zombie (a zombie holds nothing any more)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def tag_files(tag_dir: Path) -> set[str]:

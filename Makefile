@@ -5,6 +5,9 @@ VENV ?= .venv
 # deepspeed is then built against that torch (--no-build-isolation) instead of pulling another copy.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
+# uv unpacks wheels in parallel: torch's CUDA libraries (5 GB) take about 20 s instead of 50 s with pip. uv reads no
+# pip.conf; where packages must come from an index pip is configured for: make venv PIP_INSTALL="$(PY) -m pip install"
+PIP_INSTALL ?= $(VENV)/bin/uv pip install --python $(PY)
 STAMP := $(VENV)/.installed
 # DeepSpeed's JIT-built CPU ops live in the venv, built once by `make venv` (not by the first test launch).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
@@ -18,9 +21,9 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q $(TORCH_PKGS)
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --upgrade pip uv
+	$(PIP_INSTALL) -q setuptools wheel $(TORCH_PKGS)
+	$(PIP_INSTALL) -q --no-build-isolation -e '.[dev]'
 	DS_ACCELERATOR=cpu $(PY) scripts/build_ds_ops.py
 	touch $(STAMP)
 

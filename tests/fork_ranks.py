@@ -119,7 +119,8 @@ def receive(conn: socket.socket) -> tuple[dict, list[int]]:
 def waiting(pid: int, pgid: int) -> bool:
     """True while the client ``pid`` lives (not a zombie) in group ``pgid``."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return False
     return fields[0] != "Z" and int(fields[2]) == pgid

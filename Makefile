@@ -5,8 +5,8 @@ VENV ?= .venv
 # deepspeed is then built against that torch (--no-build-isolation) instead of pulling another copy.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
-# uv unpacks wheels in parallel: torch's CUDA libraries (5 GB) take about 20 s instead of 50 s with pip. Byte-compiled
-# at install (as pip does): where PYTHONDONTWRITEBYTECODE is set, every process would compile torch's modules again.
+# uv unpacks wheels in parallel (torch's CUDA libraries are 5 GB), pip one file after another. Byte-compiled at install
+# (as pip does): where PYTHONDONTWRITEBYTECODE is set, every process would compile torch's modules again.
 # uv reads no pip.conf; where packages must come from an index pip is configured for:
 #   make venv PIP_INSTALL="$(PY) -m pip install"
 PIP_INSTALL ?= $(VENV)/bin/uv pip install --python $(PY) --compile-bytecode

@@ -105,6 +105,7 @@ LABEL_ARGS=() # the matching labels: runs of one label are averaged as seeds
 WALLS=()      # BFT wall seconds of the runs trained now or before
 TOTAL=$(( ${#NAMES[@]} * SEEDS ))
 n=0
+RESUMED_NOTE="this launch resumed an interrupted run"  # in wall_time.txt: the time is not the run's
 for (( seed = 0; seed < SEEDS; seed++ )); do
     for i in "${!NAMES[@]}"; do
         n=$(( n + 1 ))
@@ -124,7 +125,7 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
             run=runs/demo/bft
         else
             part=""  # a launch that resumes an interrupted run times only its own part: not a run's wall time
-            [[ -d "$run/checkpoints" ]] && part="; this launch resumed an interrupted run"
+            [[ -d "$run/checkpoints" ]] && part="; $RESUMED_NOTE"
             ds_launch finetune \
                 --config "$BFT_CONFIG" --ds-config "$DS_CONFIG" --output "$run" "${overrides[@]}" log.progress=false \
                 || die "BFT ${LABELS[$i]} seed $seed failed (see above); its run folder is $run"
@@ -134,7 +135,7 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
         fi
         RUN_ARGS+=("$run")
         LABEL_ARGS+=("${LABELS[$i]}")
-        if [[ -f "$run/wall_time.txt" ]] && ! grep -q "resumed an interrupted run" "$run/wall_time.txt"; then
+        if [[ -f "$run/wall_time.txt" ]] && ! grep -qF "$RESUMED_NOTE" "$run/wall_time.txt"; then
             WALLS+=("$(cut -d' ' -f1 "$run/wall_time.txt")")
         fi
     done

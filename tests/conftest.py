@@ -172,19 +172,32 @@ _LIVE: set[subprocess.Popen] = set()  # started by start_process and not yet wai
 NEW_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid``, every live descendant (torchrun puts each rank in a session of its own: a group kill alone would miss
-    them) and every process of its group (the fork server's launches join their client's group), through /proc."""
-    children: dict[int, list[int]] = {}
+def live_processes() -> dict[int, tuple[int, int]]:
+    """Every live process (zombies left out: they hold nothing any more): pid -> (parent pid, process group)."""
+    table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            if int(fields[2]) == pid:
-                children.setdefault(pid, []).append(int(entry))
+            if fields[0] != "Z":
+                table[int(entry)] = int(fields[1]), int(fields[2])
+    return table
+
+
+def group_members(pgid: int) -> dict[int, int]:
+    """The live processes of group ``pgid``, with their parents."""
+    return {pid: parent for pid, (parent, group) in live_processes().items() if group == pgid}
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid``, every live descendant (torchrun puts each rank in a session of its own: a group kill alone would miss
+    them) and every process of its group (the fork server's launches join their client's group)."""
+    processes = live_processes()
+    children: dict[int, list[int]] = {pid: [member for member, (_, group) in processes.items() if group == pid]}
+    for child, (parent, _) in processes.items():
+        children.setdefault(parent, []).append(child)
     tree, todo = set(), [pid]
     while todo:
         current = todo.pop()
@@ -194,18 +207,19 @@ def process_tree(pid: int) -> list[int]:
     return sorted(tree)
 
 
-def group_alive(pgid: int) -> bool:
-    """True while a process of group ``pgid`` exists and is not a zombie (a zombie holds nothing any more)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to ``proc``'s whole process group, as a crashing node or the OOM killer would; return once every
+    process of it is gone (never hangs)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    _LIVE.discard(proc)
+    deadline = time.monotonic() + 60
+    while survivors := group_members(proc.pid):
+        assert time.monotonic() < deadline, f"processes of group {proc.pid} survived SIGKILL: {survivors}"
+        time.sleep(0.05)
 
 
 def kill_tree(proc: subprocess.Popen, dump_stacks: bool = True) -> None:

@@ -27,9 +27,10 @@ import socket
 import sys
 import traceback
 
-# What may differ between the server's environment and a launch's: set per launch, or by pytest per test.
+# What may differ between the server's environment and a launch's: the launch's own variables, pytest's name of the
+# running test, and what the `sh -c` in front of a launch exports (PWD; bash also SHLVL and _).
 LAUNCH_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "PYTEST_CURRENT_TEST", "PWD", "OLDPWD", "SHLVL", "_"}
+                    "PYTEST_CURRENT_TEST", "PWD", "SHLVL", "_"}
 
 
 def import_package() -> dict[str, str]:
@@ -79,9 +80,8 @@ def run_rank(rank: int | None, args: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``N ARGS...``: fork the ranks, wait for all of them, return the launch's exit code."""
+    """``N ARGS...``: fork the ranks (the package imported), wait for all of them, return the launch's exit code."""
     ranks, args = int(argv[0]), argv[1:]
-    import_package()
     sys.stdout.flush()
     sys.stderr.flush()
     pids = []
@@ -184,4 +184,5 @@ def serve(listen_fd: int) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "--serve":
         raise SystemExit(serve(int(sys.argv[2])))
+    import_package()
     raise SystemExit(main(sys.argv[1:]))

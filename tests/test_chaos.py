@@ -14,14 +14,13 @@ import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, group_alive, launch_command, launcher_env, read_jsonl, run_livt, start_process, train_losses
+from conftest import REPO, kill_group, launch_command, launcher_env, read_jsonl, run_livt, start_process, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serial")]  # timing-sensitive: never two at once
 
@@ -85,16 +84,7 @@ class Launch:
         raise AssertionError(f"the kill moment did not come within {timeout} s\n{self.tail()}")
 
     def kill(self) -> None:
-        """SIGKILL to the whole process group; return once every process of it is gone (never hangs)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while group_alive(self.proc.pid):
-            assert time.monotonic() < deadline, f"processes of group {self.proc.pid} survived SIGKILL"
-            time.sleep(0.05)
+        kill_group(self.proc)
 
     def finish(self) -> int:
         try:

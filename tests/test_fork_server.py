@@ -4,11 +4,8 @@ package: a launch it forks belongs to the process group the test started, so the
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from conftest import (
@@ -16,7 +13,8 @@ from conftest import (
     REPO,
     USE_FORK_SERVER,
     fork_server,
-    group_alive,
+    group_members,
+    kill_group,
     launch_command,
     launcher_env,
     start_process,
@@ -24,20 +22,6 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.skipif(not USE_FORK_SERVER, reason="no fork server (LIVT_FORK_SERVER=0, or CUDA)")
-
-
-def group_parents(pgid: int) -> dict[int, int]:
-    """The live processes of group ``pgid``, with their parents."""
-    members = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members[int(entry)] = int(fields[1])
-    return members
 
 
 @pytest.mark.slow
@@ -54,7 +38,7 @@ def test_a_launch_is_in_the_tests_process_group_and_ends_with_it(environment, to
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
 
-    members = group_parents(proc.pid)
+    members = group_members(proc.pid)
     server = fork_server()[1].pid
     if environment == "another":  # the client became the launch: the rank is its child, nothing is the server's
         assert server not in members.values() and proc.pid in members.values(), members
@@ -62,9 +46,4 @@ def test_a_launch_is_in_the_tests_process_group_and_ends_with_it(environment, to
         launch = next(pid for pid, parent in members.items() if parent == server)
         assert launch in members.values() and proc.pid not in members.values(), members
 
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while group_alive(proc.pid):
-        assert time.monotonic() < deadline, f"processes of group {proc.pid} survived SIGKILL: {group_parents(proc.pid)}"
-        time.sleep(0.05)
+    kill_group(proc)  # and nothing of the launch survives it
